@@ -1,0 +1,74 @@
+"""Per-epoch checkpoints a run resumes from: weights, optimizer, scheduler, epoch, RNG states, config.
+
+Saved atomically with torch.save and read back with weights_only=True (rekd.storage): tensors and plain
+values only. A checkpoint of another architecture or dataset is refused with one clear line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from rekd.config import TrainConfig
+from rekd.errors import UsageError
+from rekd.storage import load_tensors, save_atomic
+
+FORMAT = "rekd-checkpoint-1"
+FILENAME = "last.pt"
+# Settings that change the shape of the weights: a checkpoint must agree on all of them.
+SHAPE_KEYS = ("arch", "dataset", "downsample")
+
+
+def save_checkpoint(
+    run_dir: Path, cfg: TrainConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, scaler: Optional[torch.amp.GradScaler], generator: torch.Generator, history: list[dict],
+) -> Path:
+    state = {
+        "format": FORMAT,
+        "config": cfg.to_dict(),
+        "epoch": epoch,  # epochs completed
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "data": generator.get_state(),
+        },
+        "history": history,
+    }
+    return save_atomic(state, run_dir / FILENAME)
+
+
+def load_checkpoint(path: Path, cfg: Optional[TrainConfig] = None) -> dict:
+    """A checkpoint's contents, checked to be rekd's format and (if cfg is given) the same network."""
+    state = load_tensors(path, "checkpoint")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"checkpoint {str(path)!r} is not a rekd checkpoint (format {FORMAT})")
+    if cfg is not None:
+        for key in SHAPE_KEYS:
+            theirs = state["config"].get(key)
+            if theirs != getattr(cfg, key):
+                raise UsageError(
+                    f"checkpoint {str(path)!r} was made with {key}={theirs!r}; this run needs {key}={getattr(cfg, key)!r}"
+                )
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict, source: str) -> None:
+    """load_state_dict(strict=True), with a mismatch said as a UsageError rather than a traceback."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"{source} does not fit this network: {first}") from None
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    generator.set_state(state["rng"]["data"])

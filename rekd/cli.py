@@ -1,0 +1,37 @@
+"""What every entry point shares: an argument parser whose errors are one line, and the edge where
+UsageError becomes that one line and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+from rekd.errors import EXIT_USAGE, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the whole usage block first; one line says what is wrong and `-h` the rest.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Call an entry point; a UsageError is printed as one line and gives exit status 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def format_metrics(metrics: dict, keys: Sequence[str]) -> str:
+    """`name=value` pairs of the given keys that are present, numbers to 4 significant digits."""
+    parts = []
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)

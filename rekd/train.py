@@ -1,0 +1,232 @@
+"""One training run, top to bottom, for the three modes: baseline, sparse_kd (Eq. 5), default_kd (Eq. 7).
+
+`train(cfg, on_epoch=...)` reports one flat metrics dict per epoch through the callback and imports
+neither Ray nor MLflow: the Tune trainable and the trackers are thin layers around it. With a run_dir
+it writes a checkpoint after every epoch and resumes from one that is already there.
+`python -m rekd.train MODE ...` is the command-line front (rekd.train_cli).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from rekd.checkpoint import FILENAME, load_checkpoint, load_weights, restore_rng, save_checkpoint
+from rekd.config import TrainConfig
+from rekd.datasets import DataSplits, Split, batches, dataset_spec, load_dataset
+from rekd.energy import SpikeMonitor
+from rekd.errors import UsageError
+from rekd.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
+from rekd.models import SpikingNet, build_model
+from rekd.registry import lookup
+from rekd.teachers import PrunedTeacher, baseline_config, load_cached_teacher, store_teacher, teacher_path
+
+OnEpoch = Callable[[dict], None]
+
+# mode -> (student logits, targets, teacher logits or None, config) -> (loss, parts)
+OBJECTIVES = {
+    "baseline": lambda s, y, t, c: cross_entropy_loss(s, y),
+    "sparse_kd": lambda s, y, t, c: sparse_kd_loss(s, t, y, alpha=c.alpha, temperature=c.temperature),
+    "default_kd": lambda s, y, t, c: default_kd_loss(
+        s, y, confidence=c.confidence, alpha=c.alpha, temperature=c.temperature),
+}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run cannot go on."""
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig  # resolved
+    model: SpikingNet
+    history: list[dict]  # one metrics dict per epoch
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1]
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill dataset-dependent defaults and check what needs the number of classes."""
+    spec = dataset_spec(cfg.dataset)
+    cfg = cfg.resolved(spec.default_timesteps)
+    if not 1.0 / spec.num_classes < cfg.confidence < 1.0:
+        raise UsageError(
+            f"confidence={cfg.confidence} is not allowed for {cfg.dataset}; allowed: 1/{spec.num_classes} < confidence < 1"
+        )
+    return cfg
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={name!r} but no CUDA device is available; allowed here: auto | cpu")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "cosine":  # stepped per batch, annealed to 0 at the last step
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: DataSplits, split: Split, cfg: TrainConfig,
+             stats: bool = False) -> tuple[float, dict]:
+    """Accuracy on a split, and (with stats) firing rates, SOPs and energy per sample."""
+    model.eval()
+    correct = torch.zeros((), device=split.y.device)
+    monitor = SpikeMonitor(model)
+    with monitor if stats else contextlib.nullcontext():
+        for x, y in batches(split, max(cfg.batch_size, 256)):
+            logits = model(data.to_input(x, cfg.timesteps))  # (N, classes)
+            correct += (logits.argmax(-1) == y).sum()
+    return float(correct) / max(len(split), 1), monitor.summary() if stats else {}
+
+
+def make_teacher(cfg: TrainConfig, data: DataSplits, weights: Optional[dict]) -> Optional[PrunedTeacher]:
+    """sparse_kd's pruned teacher from the given or cached baseline weights; None for the other modes."""
+    if cfg.mode != "sparse_kd":
+        return None
+    if weights is None:
+        cached = load_cached_teacher(cfg)
+        if cached is None:
+            raise UsageError(
+                f"sparse_kd needs a trained baseline teacher and none is cached at {teacher_path(cfg)}; "
+                "`python -m rekd.train sparse_kd` trains it first"
+            )
+        weights = cached["weights"]
+    return PrunedTeacher(cfg, weights, data.in_channels, data.num_classes, data.resolution)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data: Optional[DataSplits] = None,
+    teacher_weights: Optional[dict] = None,
+    on_epoch: Optional[OnEpoch] = None,
+    run_dir: Optional[Path] = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train one SNN as `cfg` says; report a flat metrics dict per epoch; checkpoint into run_dir."""
+    cfg = resolve(cfg)
+    device = select_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = (data if data is not None else load_dataset(cfg)).to(device)
+    model = build_model(cfg, data.in_channels, data.num_classes, data.resolution).to(device)
+    teacher = make_teacher(cfg, data, teacher_weights)
+    teacher_info = {}
+    if teacher is not None:
+        teacher.to(device)
+        teacher_info = {"teacher_sparsity": teacher.sparsity,
+                        "teacher_val_acc": evaluate(teacher.net, data, data.val, cfg)[0]}
+    objective = lookup(OBJECTIVES, cfg.mode, "mode")
+    steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
+    optimizer, scheduler = make_optimizer(cfg, model, cfg.epochs * steps_per_epoch)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
+
+    history: list[dict] = []
+    start_epoch = 0
+    if run_dir is not None and (Path(run_dir) / FILENAME).is_file():
+        state = load_checkpoint(Path(run_dir) / FILENAME, cfg)
+        load_weights(model, state["model"], f"checkpoint {run_dir}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        restore_rng(state, generator)
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        started = time.perf_counter()
+        sums = torch.zeros(4, device=device)  # loss, ce, kd, correct (summed over samples)
+        seen = 0
+        steps = batches(data.train, cfg.batch_size, generator, drop_last=True)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for x, y in steps:
+            inputs = data.to_input(x, cfg.timesteps, generator)  # (T, N, C, H, W)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(inputs)  # (N, classes)
+                teacher_logits = teacher(inputs) if teacher is not None else None
+            loss, parts = objective(logits.float(), y, teacher_logits, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            n = len(y)
+            # Sums stay on the device: one host sync per epoch, not per step.
+            sums += torch.stack([loss.detach() * n, parts["ce"] * n, parts["kd"] * n,
+                                 (logits.argmax(-1) == y).sum().float()])
+            seen += n
+        train_time = time.perf_counter() - started
+        loss_sum, ce_sum, kd_sum, correct = sums.tolist()
+
+        val_acc, spike_stats = evaluate(model, data, data.val, cfg, stats=True)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen, "train_ce": ce_sum / seen, "train_kd": kd_sum / seen,
+            "train_acc": correct / seen, "val_acc": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": train_time, "samples_per_s": seen / train_time,
+            **teacher_info, **spike_stats,
+        }
+        if cfg.eval_test:
+            metrics["test_acc"] = evaluate(model, data, data.test, cfg)[0]
+        if not math.isfinite(metrics["train_loss"]):
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+            raise NonFiniteLoss(f"training loss became {metrics['train_loss']} in epoch {epoch + 1}")
+        history.append(metrics)
+        if run_dir is not None:
+            save_checkpoint(Path(run_dir), cfg, epoch + 1, model, optimizer, scheduler, scaler, generator, history)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return TrainResult(cfg, model, history)
+
+
+def ensure_teacher(cfg: TrainConfig, data: Optional[DataSplits] = None, on_epoch: Optional[OnEpoch] = None,
+                   progress: bool = False) -> dict:
+    """The baseline weights sparse_kd distils from: from the teacher cache, or trained now and cached."""
+    cfg = resolve(cfg)
+    cached = load_cached_teacher(cfg)
+    if cached is not None:
+        return cached["weights"]
+    teacher_cfg = baseline_config(cfg)
+    print(f"no cached teacher for this config: training the baseline ({teacher_cfg.epochs} epochs) -> "
+          f"{teacher_path(cfg)}", file=sys.stderr, flush=True)
+    result = train(teacher_cfg, data=data, on_epoch=on_epoch, progress=progress)
+    store_teacher(cfg, result.model, result.final["val_acc"])
+    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+
+
+if __name__ == "__main__":
+    from rekd.train_cli import main
+
+    sys.exit(main())
