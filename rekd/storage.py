@@ -41,13 +41,13 @@ def load_tensors(path: str | os.PathLike, what: str, map_location: Any = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "GLOBAL" in text or "Unsupported global" in text:  # a class or function the file wants to build
             raise UsageError(
                 f"{what} {str(path)!r} holds pickled Python objects, which rekd refuses to load "
                 "(only tensors and plain values are allowed)"
             ) from None
-        raise UsageError(f"{what} {str(path)!r} is corrupt: {first}") from None
+        raise UsageError(f"{what} {str(path)!r} is corrupt or not a torch file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {str(path)!r} is not a readable torch file: {first}") from None

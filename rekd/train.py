@@ -23,7 +23,7 @@ from rekd.datasets import DataSplits, Split, batches, dataset_spec, load_dataset
 from rekd.energy import SpikeMonitor
 from rekd.errors import UsageError
 from rekd.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
-from rekd.models import SpikingNet, build_model
+from rekd.models import ARCHS, SpikingNet, build_model
 from rekd.registry import lookup
 from rekd.teachers import PrunedTeacher, baseline_config, load_cached_teacher, store_teacher, teacher_path
 
@@ -54,8 +54,10 @@ class TrainResult:
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill dataset-dependent defaults and check what needs the number of classes."""
+    """Fill dataset-dependent defaults and check names and values against the registries and this machine."""
     spec = dataset_spec(cfg.dataset)
+    lookup(ARCHS, cfg.arch, "arch")
+    select_device(cfg.device)
     cfg = cfg.resolved(spec.default_timesteps)
     if not 1.0 / spec.num_classes < cfg.confidence < 1.0:
         raise UsageError(
