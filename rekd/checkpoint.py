@@ -6,13 +6,14 @@ values only. A checkpoint of another architecture or dataset is refused with one
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
+from rekd.optim import Optimization
 from rekd.storage import load_tensors, save_atomic
 
 FORMAT = "rekd-checkpoint-1"
@@ -22,17 +23,15 @@ SHAPE_KEYS = ("arch", "dataset", "downsample")
 
 
 def save_checkpoint(
-    run_dir: Path, cfg: TrainConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, scaler: Optional[torch.amp.GradScaler], generator: torch.Generator, history: list[dict],
+    run_dir: Path, cfg: TrainConfig, epoch: int, model: nn.Module, optimization: Optimization,
+    generator: torch.Generator, history: list[dict],
 ) -> Path:
     state = {
         "format": FORMAT,
         "config": cfg.to_dict(),
         "epoch": epoch,  # epochs completed
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
+        "optimization": optimization.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -41,6 +40,21 @@ def save_checkpoint(
         "history": history,
     }
     return save_atomic(state, run_dir / FILENAME)
+
+
+def resume(run_dir: Optional[Path], cfg: TrainConfig, model: nn.Module, optimization: Optimization,
+           generator: torch.Generator) -> tuple[list[dict], int]:
+    """Restore a run from run_dir's checkpoint if there is one: (history so far, epochs completed)."""
+    if run_dir is None or not (Path(run_dir) / FILENAME).is_file():
+        return [], 0
+    state = load_checkpoint(Path(run_dir) / FILENAME, cfg)
+    load_weights(model, state["model"], f"checkpoint {run_dir}")
+    optimization.load_state_dict(state["optimization"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    generator.set_state(state["rng"]["data"])
+    return list(state["history"]), int(state["epoch"])
 
 
 def load_checkpoint(path: Path, cfg: Optional[TrainConfig] = None) -> dict:
@@ -65,10 +79,3 @@ def load_weights(model: nn.Module, weights: dict, source: str) -> None:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"{source} does not fit this network: {first}") from None
-
-
-def restore_rng(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    generator.set_state(state["rng"]["data"])

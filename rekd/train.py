@@ -17,13 +17,14 @@ from typing import Callable, Optional
 
 import torch
 
-from rekd.checkpoint import FILENAME, load_checkpoint, load_weights, restore_rng, save_checkpoint
+from rekd.checkpoint import resume, save_checkpoint
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, Split, batches, dataset_spec, load_dataset
 from rekd.energy import SpikeMonitor
 from rekd.errors import UsageError
 from rekd.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
 from rekd.models import ARCHS, SpikingNet, build_model
+from rekd.optim import Optimization
 from rekd.registry import lookup
 from rekd.teachers import PrunedTeacher, baseline_config, load_cached_teacher, store_teacher, teacher_path
 
@@ -74,19 +75,6 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int):
-    params = model.parameters()
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "cosine":  # stepped per batch, annealed to 0 at the last step
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    else:
-        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    return optimizer, scheduler
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: DataSplits, split: Split, cfg: TrainConfig,
              stats: bool = False) -> tuple[float, dict]:
@@ -95,7 +83,7 @@ def evaluate(model: torch.nn.Module, data: DataSplits, split: Split, cfg: TrainC
     correct = torch.zeros((), device=split.y.device)
     monitor = SpikeMonitor(model)
     with monitor if stats else contextlib.nullcontext():
-        for x, y in batches(split, max(cfg.batch_size, 256)):
+        for x, y in batches(split, 2 * cfg.batch_size):  # no autograd: twice the training batch fits
             logits = model(data.to_input(x, cfg.timesteps))  # (N, classes)
             correct += (logits.argmax(-1) == y).sum()
     return float(correct) / max(len(split), 1), monitor.summary() if stats else {}
@@ -139,23 +127,9 @@ def train(
                         "teacher_val_acc": evaluate(teacher.net, data, data.val, cfg)[0]}
     objective = lookup(OBJECTIVES, cfg.mode, "mode")
     steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
-    optimizer, scheduler = make_optimizer(cfg, model, cfg.epochs * steps_per_epoch)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    optimization = Optimization(cfg, model, cfg.epochs * steps_per_epoch, device)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-
-    history: list[dict] = []
-    start_epoch = 0
-    if run_dir is not None and (Path(run_dir) / FILENAME).is_file():
-        state = load_checkpoint(Path(run_dir) / FILENAME, cfg)
-        load_weights(model, state["model"], f"checkpoint {run_dir}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state, generator)
-        history, start_epoch = list(state["history"]), int(state["epoch"])
+    history, start_epoch = resume(run_dir, cfg, model, optimization, generator)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -168,19 +142,11 @@ def train(
             steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for x, y in steps:
             inputs = data.to_input(x, cfg.timesteps, generator)  # (T, N, C, H, W)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with optimization.autocast():
                 logits = model(inputs)  # (N, classes)
                 teacher_logits = teacher(inputs) if teacher is not None else None
             loss, parts = objective(logits.float(), y, teacher_logits, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
+            optimization.step(loss)
             n = len(y)
             # Sums stay on the device: one host sync per epoch, not per step.
             sums += torch.stack([loss.detach() * n, parts["ce"] * n, parts["kd"] * n,
@@ -193,23 +159,20 @@ def train(
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen, "train_ce": ce_sum / seen, "train_kd": kd_sum / seen,
-            "train_acc": correct / seen, "val_acc": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
+            "train_acc": correct / seen, "val_acc": val_acc, "lr": optimization.lr,
             "epoch_time_s": train_time, "samples_per_s": seen / train_time,
             **teacher_info, **spike_stats,
         }
         if cfg.eval_test:
             metrics["test_acc"] = evaluate(model, data, data.test, cfg)[0]
-        if not math.isfinite(metrics["train_loss"]):
-            history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics)
-            raise NonFiniteLoss(f"training loss became {metrics['train_loss']} in epoch {epoch + 1}")
         history.append(metrics)
-        if run_dir is not None:
-            save_checkpoint(Path(run_dir), cfg, epoch + 1, model, optimizer, scheduler, scaler, generator, history)
+        finite = math.isfinite(metrics["train_loss"])
+        if finite and run_dir is not None:  # never overwrite the last good checkpoint with a diverged one
+            save_checkpoint(Path(run_dir), cfg, epoch + 1, model, optimization, generator, history)
         if on_epoch is not None:
             on_epoch(metrics)
+        if not finite:
+            raise NonFiniteLoss(f"training loss became {metrics['train_loss']} in epoch {epoch + 1}")
     return TrainResult(cfg, model, history)
 
 
