@@ -5,6 +5,7 @@ Writes <run dir>/config.json (resolved), provenance.json (code and library versi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from rekd.config import MODES, TrainConfig, read_settings_file
 from rekd.datasets import load_dataset
 from rekd.errors import UsageError
 from rekd.provenance import provenance
+from rekd.teachers import load_cached_teacher, store_teacher
 from rekd.train import NonFiniteLoss, ensure_teacher, resolve, train
 
 PROG = "python -m rekd.train"
@@ -95,6 +97,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except NonFiniteLoss as e:
         print(f"{PROG}: stopped: {e}; try a lower lr (checkpoint of the last good epoch in {run_dir})", file=sys.stderr)
         return 1
+    if cfg.mode == "baseline":  # a finished baseline is the teacher sparse_kd runs of this config look for
+        as_teacher = dataclasses.replace(cfg, teacher_epochs=cfg.epochs)
+        if load_cached_teacher(as_teacher) is None:
+            print(f"cached as the sparse_kd teacher for this config: "
+                  f"{store_teacher(as_teacher, result.model, result.final['val_acc'])}", flush=True)
     best = max(result.history, key=lambda m: m["val_acc"])
     print(f"done: val_acc={result.final['val_acc']:.4f} (best {best['val_acc']:.4f} at epoch {best['epoch']}); "
           f"run folder {run_dir}", flush=True)

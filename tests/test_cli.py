@@ -77,7 +77,7 @@ def test_a_bad_value_from_the_shell_gives_one_line_and_status_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_writes_config_provenance_metrics_and_a_checkpoint_and_resumes(tmp_path):
+def test_a_run_writes_its_folder_resumes_and_becomes_the_teacher_of_sparse_kd(tmp_path):
     env = {**os.environ, "REKD_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "rekd.train", "baseline", "--epochs", "2", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -94,3 +94,8 @@ def test_a_run_writes_config_provenance_metrics_and_a_checkpoint_and_resumes(tmp
                              text=True, cwd=ROOT, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "epoch 1/" not in resumed.stdout and "done: val_acc=" in resumed.stdout  # nothing left to train
+    assert "cached as the sparse_kd teacher" in proc.stdout
+    distil = subprocess.run([sys.executable, "-m", "rekd.train", "sparse_kd", "--epochs", "2", "--set", "prune_ratio=0.5",
+                             "--out", str(tmp_path / "kd")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert distil.returncode == 0, distil.stderr
+    assert "training the baseline" not in distil.stderr and "teacher_val_acc=" in distil.stdout
