@@ -63,7 +63,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
+            _check_type(f.name, getattr(self, f.name), FIELD_TYPES[f.name])
         for name, (ok, allowed) in _CHECKS.items():
             value = getattr(self, name)
             if value is not None and not ok(value):
@@ -77,9 +77,9 @@ class TrainConfig:
         """Build from a mapping; unknown keys are refused with the list of known ones."""
         if not isinstance(values, Mapping):
             raise UsageError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
-        unknown = sorted(set(values) - set(_FIELD_TYPES))
+        unknown = sorted(set(values) - set(FIELD_TYPES))
         if unknown:
-            raise UsageError(f"{source}: unknown setting {unknown[0]!r}; allowed: {', '.join(_FIELD_TYPES)}")
+            raise UsageError(f"{source}: unknown setting {unknown[0]!r}; allowed: {', '.join(FIELD_TYPES)}")
         return cls(**dict(values))
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...] = (), **values: Any) -> "TrainConfig":
@@ -90,9 +90,9 @@ class TrainConfig:
             key = key.strip()
             if not sep or not key:
                 raise UsageError(f"--set {item!r}: expected key=value")
-            if key not in _FIELD_TYPES:
-                raise UsageError(f"--set: unknown setting {key!r}; allowed: {', '.join(_FIELD_TYPES)}")
-            parsed[key] = parse_value(key, text.strip(), _FIELD_TYPES[key])
+            if key not in FIELD_TYPES:
+                raise UsageError(f"--set: unknown setting {key!r}; allowed: {', '.join(FIELD_TYPES)}")
+            parsed[key] = parse_value(key, text.strip(), FIELD_TYPES[key])
         return self.from_dict({**self.to_dict(), **parsed})
 
     def resolved(self, default_timesteps: int) -> "TrainConfig":
@@ -109,7 +109,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 
 _CHECKS: dict[str, tuple[Any, str]] = {
     "mode": (lambda v: v in MODES, " | ".join(MODES)),
@@ -141,7 +141,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 _KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
+def base_type(annotation: Any) -> tuple[type, bool]:
     """(type, optional) of an annotation such as `Optional[int]`."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -151,7 +151,7 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
-    base, optional = _base_type(annotation)
+    base, optional = base_type(annotation)
     if value is None and optional:
         return
     ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
@@ -166,7 +166,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
 
 def parse_value(name: str, text: str, annotation: Any) -> Any:
     """Turn the text of `--set name=text` into the field's type."""
-    base, optional = _base_type(annotation)
+    base, optional = base_type(annotation)
     if optional and text.lower() in ("none", "null", ""):
         return None
     try:

@@ -56,8 +56,11 @@ def load_cached_teacher(cfg: TrainConfig) -> Optional[dict]:
     return load_tensors(path, "cached teacher") if path.is_file() else None
 
 
-def store_teacher(cfg: TrainConfig, model: nn.Module, val_acc: float) -> Path:
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def cpu_weights(model: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def store_teacher(cfg: TrainConfig, weights: dict, val_acc: float) -> Path:
     entry = {"weights": weights, "config": baseline_config(cfg).to_dict(), "val_acc": float(val_acc)}
     return save_atomic(entry, teacher_path(cfg))
 

@@ -26,7 +26,8 @@ from rekd.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
 from rekd.models import ARCHS, SpikingNet, build_model
 from rekd.optim import Optimization
 from rekd.registry import lookup
-from rekd.teachers import PrunedTeacher, baseline_config, load_cached_teacher, store_teacher, teacher_path
+from rekd.teachers import (PrunedTeacher, baseline_config, cpu_weights, load_cached_teacher, store_teacher,
+                           teacher_path)
 
 OnEpoch = Callable[[dict], None]
 
@@ -176,6 +177,13 @@ def train(
     return TrainResult(cfg, model, history)
 
 
+def train_teacher(cfg: TrainConfig, data: Optional[DataSplits] = None, on_epoch: Optional[OnEpoch] = None,
+                  progress: bool = False) -> tuple[dict, float]:
+    """Train the baseline that becomes cfg's teacher: (CPU weights, final val_acc)."""
+    result = train(baseline_config(resolve(cfg)), data=data, on_epoch=on_epoch, progress=progress)
+    return cpu_weights(result.model), result.final["val_acc"]
+
+
 def ensure_teacher(cfg: TrainConfig, data: Optional[DataSplits] = None, on_epoch: Optional[OnEpoch] = None,
                    progress: bool = False) -> dict:
     """The baseline weights sparse_kd distils from: from the teacher cache, or trained now and cached."""
@@ -183,12 +191,11 @@ def ensure_teacher(cfg: TrainConfig, data: Optional[DataSplits] = None, on_epoch
     cached = load_cached_teacher(cfg)
     if cached is not None:
         return cached["weights"]
-    teacher_cfg = baseline_config(cfg)
-    print(f"no cached teacher for this config: training the baseline ({teacher_cfg.epochs} epochs) -> "
+    print(f"no cached teacher for this config: training the baseline ({cfg.teacher_epochs} epochs) -> "
           f"{teacher_path(cfg)}", file=sys.stderr, flush=True)
-    result = train(teacher_cfg, data=data, on_epoch=on_epoch, progress=progress)
-    store_teacher(cfg, result.model, result.final["val_acc"])
-    return {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    weights, val_acc = train_teacher(cfg, data, on_epoch, progress)
+    store_teacher(cfg, weights, val_acc)
+    return weights
 
 
 if __name__ == "__main__":

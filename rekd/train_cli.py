@@ -18,7 +18,7 @@ from rekd.config import MODES, TrainConfig, read_settings_file
 from rekd.datasets import load_dataset
 from rekd.errors import UsageError
 from rekd.provenance import provenance
-from rekd.teachers import load_cached_teacher, store_teacher
+from rekd.teachers import cpu_weights, load_cached_teacher, store_teacher
 from rekd.train import NonFiniteLoss, ensure_teacher, resolve, train
 
 PROG = "python -m rekd.train"
@@ -101,7 +101,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         as_teacher = dataclasses.replace(cfg, teacher_epochs=cfg.epochs)
         if load_cached_teacher(as_teacher) is None:
             print(f"cached as the sparse_kd teacher for this config: "
-                  f"{store_teacher(as_teacher, result.model, result.final['val_acc'])}", flush=True)
+                  f"{store_teacher(as_teacher, cpu_weights(result.model), result.final['val_acc'])}", flush=True)
     best = max(result.history, key=lambda m: m["val_acc"])
     print(f"done: val_acc={result.final['val_acc']:.4f} (best {best['val_acc']:.4f} at epoch {best['epoch']}); "
           f"run folder {run_dir}", flush=True)

@@ -1,0 +1,123 @@
+"""The search driver: one Tuner with OptunaSearch behind a ConcurrencyLimiter and ASHA over epochs.
+
+Called by rekd.search once the plan is checked. The MLflow parent run is created here, before any trial
+starts (two trials opening a new SQLite store at once race), and closed with the search's summary.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+from mlflow.entities import Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from rekd.datasets import DataSplits
+from rekd.provenance import provenance
+from rekd.search import SearchPlan, start_ray, teacher_weights_for
+from rekd.search_report import summarize
+from rekd.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, first_line
+
+
+def describe_space(plan: SearchPlan) -> dict[str, str]:
+    out = {}
+    for p in plan.study.params:
+        out[f"space.{p.name}"] = f"{p.kind}{list(p.choices)}" if p.kind == "categorical" else f"{p.kind}[{p.low:g}, {p.high:g}]"
+    return out
+
+
+def parent_params(plan: SearchPlan) -> list[Param]:
+    s = plan.study
+    values = {
+        "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
+        "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,
+        "num_samples": s.num_samples, "max_concurrency": s.max_concurrency,
+        "resources.cpu": s.cpus, "resources.gpu": s.gpus, "optuna": "stock" if plan.stock_optuna else "pruned_fix",
+        **{f"fixed.{k}": v for k, v in plan.base.to_dict().items() if k not in {p.name for p in s.params}},
+        **describe_space(plan),
+    }
+    return [Param(k, "none" if v is None else str(v)) for k, v in sorted(values.items())]
+
+
+def trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def progress_table(study):
+    """The table of running trials Tune prints while it works: the searched values and the metric."""
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns=[p.name for p in study.params],
+        metric_columns={"epoch": "epoch", study.metric: study.metric, "train_loss": "loss",
+                        "epoch_time_s": "s/epoch"},
+        max_report_frequency=10, sort_by_metric=True, metric=study.metric, mode=study.mode,
+    )
+
+
+def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str) -> int:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from rekd.searcher import make_searcher
+    from rekd.trainable import run_trial
+
+    study = plan.study
+    start_ray({})
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"cpu": study.cpus, "gpu": study.gpus if has_gpus else 0}
+    print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
+          f"{study.max_concurrency} at once, {resources} each; searching {', '.join(p.name for p in study.params)}",
+          flush=True)
+    teacher = None
+    if plan.base.mode == "sparse_kd":
+        teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"])
+
+    parent = client.create_run(experiment_id, run_name=plan.name,
+                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": study.name})
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=parent_params(plan),
+                     tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+    client.log_artifact(parent_id, str(study.path), artifact_path="study")
+
+    experiment_dir = plan.storage_path / plan.name
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    optuna_url = f"sqlite:///{experiment_dir / 'optuna.db'}"
+    searcher = ConcurrencyLimiter(make_searcher(study, optuna_url, plan.name, stock=plan.stock_optuna),
+                                  max_concurrent=study.max_concurrency)
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=study.metric, mode=study.mode,
+                              max_t=study.epochs, grace_period=study.grace_period,
+                              reduction_factor=study.reduction_factor)
+    tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, study.epochs)
+    searched = {p.name for p in study.params}
+    fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher), resources),
+        param_space=fixed,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_samples,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=2),
+            progress_reporter=progress_table(study), verbose=1,
+        ),
+    )
+    try:
+        results = tuner.fit()
+    except BaseException as e:
+        client.set_tag(parent_id, "rekd.error", first_line(e)[:500])
+        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    try:
+        summary = summarize(plan, results, optuna_url, experiment_dir)
+        summary.log_to(client, parent_id)
+    except Exception:
+        traceback.print_exc()
+        client.set_terminated(parent_id, "FAILED")
+        return 1
+    client.set_terminated(parent_id, "FINISHED")
+    summary.print(plan, parent_id)
+    sys.stdout.flush()
+    return 0 if summary.counts.get("completed", 0) + summary.counts.get("stopped_early", 0) else 1

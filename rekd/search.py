@@ -1,0 +1,159 @@
+"""`python -m rekd.search STUDY`: Ray Tune schedules Optuna-sampled trials of a study, ASHA stops the bad
+ones early, and every trial is tracked in MLflow as a child of the search's parent run.
+
+Inside `ray job submit` it joins that cluster (RAY_ADDRESS is set); run alone it starts a private Ray on
+127.0.0.1. Everything a user can get wrong (study file, flags, data, tracking URI, results folder) is
+checked before Ray starts or anything is written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rekd.cli import Parser, run
+from rekd.config import TrainConfig
+from rekd.datasets import DataSplits, load_dataset
+from rekd.errors import UsageError
+from rekd.study import Study, load_study, parse_assignment
+from rekd.train import resolve
+
+PROG = "python -m rekd.search"
+# Ray binds its processes to this machine's routable address unless told otherwise (ray 2.60).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# The classic reporter prints the columns chosen in rekd.driver.progress_table; the newer engine ignores them.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Search re-KD hyperparameters with Ray Tune, Optuna and ASHA; track in MLflow.")
+    p.add_argument("study", help="a study name (search_spaces/<name>.yaml: sparse_kd, default_kd, baseline)")
+    p.add_argument("--search-space", metavar="FILE", help="a study file elsewhere (instead of search_spaces/)")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--max-concurrency", type=int, help="trials running at once")
+    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max budget)")
+    p.add_argument("--dataset", help="digits | ndigits | cifar100 | dvsgesture")
+    p.add_argument("--arch", help="tiny | resnet18 | wrn16_4 | vgg16")
+    p.add_argument("--data-root", help="folder with cifar-100-python/ or DVSGesture/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix any TrainConfig setting for every trial (fixing a searched one removes it from the search)")
+    p.add_argument("--storage-path", default="rekd-results", metavar="DIR",
+                   help="where Tune keeps trials, checkpoints and the Optuna study (default ./rekd-results)")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage-path>/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default rekd-<study>)")
+    p.add_argument("--name", help="name of this search (default <study>-<date>-<time>)")
+    p.add_argument("--smoke-test", action="store_true", help="a few trials of one or two epochs (about a minute on a CPU)")
+    p.add_argument("--stock-optuna", action="store_true",
+                   help="record ASHA-stopped trials as Ray's OptunaSearch does (COMPLETE), for comparison")
+    return p
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Everything the driver needs, resolved and checked before Ray starts."""
+    study: Study
+    base: TrainConfig  # resolved fixed settings
+    name: str
+    storage_path: Path
+    tracking_uri: str
+    experiment: str
+    stock_optuna: bool
+
+
+def plan_from_args(args) -> SearchPlan:
+    from rekd.tracking import tracking_uri_from
+
+    study = load_study(args.search_space or args.study)
+    if args.smoke_test:
+        study = study.smoke()
+    fixed = dict(p for p in (parse_assignment(item) for item in args.set))
+    for flag, key in (("epochs", "epochs"), ("dataset", "dataset"), ("arch", "arch"), ("data_root", "data_root")):
+        if getattr(args, flag) is not None:
+            fixed[key] = getattr(args, flag)
+    if "epochs" in fixed and study.fixed.get("mode") == "sparse_kd" and "teacher_epochs" not in fixed:
+        fixed["teacher_epochs"] = fixed["epochs"]
+    searched = tuple(p for p in study.params if p.name not in fixed)
+    if not searched:
+        raise UsageError("--set fixes every searched setting; leave at least one to search")
+    overrides = {}
+    for flag in ("num_samples", "max_concurrency"):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} {value} is not allowed; allowed: an integer >= 1")
+            overrides[flag] = value
+    study = study.with_overrides(params=searched, fixed=fixed, **overrides)
+    base = resolve(study.base_config())
+    storage_path = Path(args.storage_path).expanduser().resolve()
+    check_writable(storage_path)
+    name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (storage_path / name).exists():
+        raise UsageError(f"--name {name!r}: {storage_path / name} already exists; choose another name")
+    return SearchPlan(study, base, name, storage_path, tracking_uri_from(args.tracking_uri, str(storage_path)),
+                      args.experiment or f"rekd-{study.name}", args.stock_optuna)
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".rekd-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--storage-path {path} cannot be written ({e.strerror or e}); choose a writable folder") from None
+
+
+def start_ray(resources: dict) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
+        ray.init(log_to_driver=True)
+    else:  # a private Ray on loopback only
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+def teacher_weights_for(base: TrainConfig, data: DataSplits, cpus: float, gpus: float) -> dict:
+    """The sparse_kd teacher: from the driver's cache, or trained once as a Ray task and then cached."""
+    import ray
+
+    from rekd.teachers import load_cached_teacher, store_teacher
+    from rekd.train import train_teacher
+
+    cached = load_cached_teacher(base)
+    if cached is not None:
+        print(f"teacher: cached baseline (val_acc={cached['val_acc']:.4f})", flush=True)
+        return cached["weights"]
+    print(f"teacher: training the baseline once ({base.teacher_epochs} epochs) as a Ray task", flush=True)
+    task = ray.remote(train_teacher).options(num_cpus=cpus, num_gpus=gpus)
+    weights, val_acc = ray.get(task.remote(base, data))
+    store_teacher(base, weights, val_acc)
+    print(f"teacher: trained, val_acc={val_acc:.4f}", flush=True)
+    return weights
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, PROG, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    plan = plan_from_args(args)
+    data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
+    from rekd.tracking import client_for, ensure_experiment
+
+    client = client_for(plan.tracking_uri)
+    experiment_id = ensure_experiment(client, plan.experiment)
+    from rekd.driver import run_search
+
+    return run_search(plan, data, client, experiment_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The end of a search: the top trials, the best config, the epochs ASHA saved, Optuna's plots.
+
+The same summary is printed for the user and logged to the search's MLflow parent run.
+"""
+from __future__ import annotations
+
+import json
+import warnings as warnings_module
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+
+TOP = 5
+EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict
+    value: float  # the metric at the trial's last epoch
+    epochs: int
+    outcome: str  # completed | stopped_early | errored
+
+
+@dataclass
+class Summary:
+    metric: str
+    mode: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    counts: dict[str, int]
+    epochs_spent: int
+    epochs_budget: int
+    artifacts: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"trials_{k}": float(v) for k, v in self.counts.items()}
+        out.update(epochs_spent=float(self.epochs_spent), epochs_budget=float(self.epochs_budget),
+                   epochs_saved_fraction=1 - self.epochs_spent / max(self.epochs_budget, 1))
+        if self.best is not None:
+            out[f"best_{self.metric}"] = self.best.value
+        return out
+
+    def log_to(self, client, run_id: str) -> None:
+        params = [Param(f"best.{k}", str(v)) for k, v in sorted(self.best.params.items())] if self.best else []
+        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in self.metrics().items()],
+                         params=params)
+        if self.best is not None:
+            client.set_tag(run_id, "rekd.best_trial", self.best.trial_id)
+        for path in self.artifacts:
+            client.log_artifact(run_id, str(path), artifact_path="summary")
+
+    def print(self, plan, parent_run_id: str) -> None:
+        metric, study = self.metric, plan.study
+        ranked = sorted(self.rows, key=sort_key(self.mode))
+        print(f"\nsearch {plan.name} finished: " + ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items())))
+        names = [p.name for p in study.params]
+        print(f"top {min(TOP, len(ranked))} trials by {metric} at their last epoch:")
+        print("  " + "  ".join([f"{'trial':<14}", f"{metric:>9}", "epochs", f"{'outcome':<13}"] + names))
+        for row in ranked[:TOP]:
+            values = [f"{row.params.get(n, float('nan')):.4g}" if isinstance(row.params.get(n), float)
+                      else str(row.params.get(n)) for n in names]
+            print("  " + "  ".join([f"{row.trial_id:<14}", f"{row.value:>9.4f}", f"{row.epochs:>6}",
+                                    f"{row.outcome:<13}"] + values))
+        if self.best is not None:
+            settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.best.params.items())
+            print(f"best config ({self.best.outcome}, {metric}={self.best.value:.4f}): {settings}")
+        saved = self.epochs_budget - self.epochs_spent
+        print(f"ASHA ran {self.epochs_spent} of {self.epochs_budget} trial-epochs: saved {saved} "
+              f"({saved / max(self.epochs_budget, 1):.0%})")
+        for warning in self.warnings:
+            print(f"warning: {warning}")
+        print(f"results: {plan.storage_path / plan.name}")
+        print(f"MLflow: experiment {plan.experiment!r}, parent run {parent_run_id}; open it with")
+        if plan.tracking_uri.startswith(("http://", "https://")):
+            print(f"  {plan.tracking_uri}")
+        else:
+            print(f"  mlflow ui --host 127.0.0.1 --backend-store-uri {plan.tracking_uri}")
+        print(f"next: python -m rekd.best {plan.experiment} --top 3 --out best.yaml --tracking-uri {plan.tracking_uri}")
+
+
+def sort_key(mode: str):
+    """Completed trials (full budget) first, then best metric first; NaN last."""
+    sign = -1 if mode == "max" else 1
+    return lambda r: (r.outcome != "completed", not math.isfinite(r.value), sign * r.value if math.isfinite(r.value) else 0)
+
+
+def summarize(plan, results, optuna_url: str, experiment_dir: Path) -> Summary:
+    study = plan.study
+    searched = [p.name for p in study.params]
+    rows = []
+    for result in results:
+        last = result.metrics or {}
+        epochs = int(last.get("epoch", 0))
+        outcome = "errored" if result.error else ("completed" if epochs >= study.epochs else "stopped_early")
+        value = last.get(study.metric)
+        rows.append(TrialRow(
+            trial_id=str(last.get("trial_id", result.path.rsplit("/", 1)[-1])),
+            params={k: result.config.get(k) for k in searched},
+            value=float(value) if isinstance(value, (int, float)) else math.nan,
+            epochs=epochs, outcome=outcome,
+        ))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.outcome] = counts.get(row.outcome, 0) + 1
+    candidates = [r for r in rows if r.outcome == "completed" and math.isfinite(r.value)] or \
+                 [r for r in rows if math.isfinite(r.value)]
+    best = sorted(candidates, key=sort_key(study.mode))[0] if candidates else None
+    summary = Summary(study.metric, study.mode, rows, best, counts, sum(r.epochs for r in rows),
+                      study.num_samples * study.epochs)
+    if best is not None:
+        summary.warnings += edge_warnings(study, best.params)
+    table = experiment_dir / "summary.json"
+    table.write_text(json.dumps({"rows": [r.__dict__ for r in rows], "counts": counts,
+                                 "best": best.__dict__ if best else None,
+                                 "epochs_spent": summary.epochs_spent, "epochs_budget": summary.epochs_budget},
+                                indent=2, default=str))
+    summary.artifacts = [table, *optuna_plots(optuna_url, plan.name, experiment_dir, summary.warnings)]
+    return summary
+
+
+def edge_warnings(study, best_params: dict) -> list[str]:
+    warnings = []
+    for p in study.params:
+        value = best_params.get(p.name)
+        if p.kind == "categorical" or not isinstance(value, (int, float)):
+            continue
+        lo, hi = (math.log(p.low), math.log(p.high)) if p.kind == "loguniform" else (p.low, p.high)
+        x = math.log(value) if p.kind == "loguniform" else value
+        for bound, name in ((lo, "low"), (hi, "high")):
+            if abs(x - bound) <= EDGE * (hi - lo):
+                warnings.append(f"the best {p.name}={value:.4g} sits at the {name} edge of its range "
+                                f"[{p.low:g}, {p.high:g}]; consider widening it")
+    return warnings
+
+
+def optuna_plots(optuna_url: str, study_name: str, out_dir: Path, warnings: list[str]) -> list[Path]:
+    """Optimization history, parallel coordinates and parameter importances as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings_module.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    ot_study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    paths = []
+    for name, plot in (("optimization_history", ovm.plot_optimization_history),
+                       ("parallel_coordinate", ovm.plot_parallel_coordinate),
+                       ("param_importances", ovm.plot_param_importances)):
+        try:
+            plot(ot_study)
+        except Exception as e:  # e.g. importances need two or more completed trials
+            warnings.append(f"no {name} plot: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            plt.close("all")
+            continue
+        path = out_dir / f"{name}.png"
+        plt.gcf().set_size_inches(9, 6)
+        plt.tight_layout()
+        plt.savefig(path, dpi=100)
+        plt.close("all")
+        paths.append(path)
+    return paths

@@ -1,0 +1,139 @@
+"""MLflow tracking of a search: one parent run per search, one nested child run per trial.
+
+Metrics take one road: trial -> tune.report -> this Tune callback in the driver -> MLflow. Trials never
+talk to MLflow themselves, so a trial cannot block on the tracking server and the runs stay consistent.
+Ray's stock MLflowLoggerCallback makes flat runs; these carry `mlflow.parentRunId`, the trial's
+settings as params by their own names, its metrics per epoch (step = epoch) and a `rekd.outcome` tag:
+completed, stopped_early (with `rekd.stopped_at_epoch`) or errored.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from rekd.errors import UsageError
+
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "rekd.role"  # search | trial | final
+SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
+OUTCOME_TAG = "rekd.outcome"
+# Bookkeeping Tune adds to every result; not metrics of the network.
+TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s",
+             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
+             "checkpoint_dir_name", "should_checkpoint", "experiment_tag"}
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: Optional[str] = None) -> str:
+    """The id of experiment `name`, created if missing (in the driver, before any trial starts)."""
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise UsageError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+            return experiment.experiment_id
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except UsageError:
+        raise
+    except Exception as e:  # any failure to reach or use the store
+        raise UsageError(f"MLflow tracking store {client.tracking_uri!r} cannot be used: {first_line(e)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def flat_params(settings: dict[str, Any]) -> list[Param]:
+    return [Param(key, "none" if value is None else str(value)) for key, value in sorted(settings.items())]
+
+
+def numeric_metrics(result: dict, step: int, timestamp_ms: int) -> list[Metric]:
+    metrics = []
+    for key, value in result.items():
+        if key in TUNE_KEYS or key.startswith("config") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            metrics.append(Metric(key, float(value), timestamp_ms, step))
+    return metrics
+
+
+class MlflowTrialTracker(Callback):
+    """A Tune callback (runs in the driver) that mirrors every trial into a nested MLflow run."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, search_name: str, epochs: int):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.search_name = search_name
+        self.epochs = epochs
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self.outcomes: dict[str, str] = {}
+        self._client: Optional[MlflowClient] = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = client_for(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict:  # Tune snapshots its callbacks: keep the client out of the pickle
+        return {**self.__dict__, "_client": None}
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if trial.trial_id in self.runs:  # a trial restarted from its checkpoint keeps its run
+            return
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{trial.trial_id}",
+            tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", SEARCH_TAG: self.search_name,
+                  "rekd.trial_id": trial.trial_id},
+        )
+        self.runs[trial.trial_id] = run.info.run_id
+        self.client.log_batch(run.info.run_id, params=flat_params(trial.config))
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        timestamp_ms = int(result.get("timestamp", 0) * 1000) or None
+        metrics = numeric_metrics(result, step, timestamp_ms or 0)
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        if epoch >= self.epochs:
+            self._finish(trial, "completed", "FINISHED")
+        else:
+            self._finish(trial, "stopped_early", "FINISHED", {"rekd.stopped_at_epoch": str(epoch)})
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        error = trial.get_error()
+        reason = first_line(error) if error is not None else "error"
+        self._finish(trial, "errored", "FAILED", {"rekd.error": reason[:500]})
+
+    def _finish(self, trial, outcome: str, status: str, extra: Optional[dict] = None) -> None:
+        self.outcomes[trial.trial_id] = outcome
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        tags = [RunTag(OUTCOME_TAG, outcome)] + [RunTag(k, v) for k, v in (extra or {}).items()]
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status)
+
+
+def tracking_uri_from(flag: Optional[str], storage_path: str) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store next to the results."""
+    if flag:
+        return flag
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath(os.path.join(storage_path, 'mlflow.db'))}"
