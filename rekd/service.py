@@ -1,0 +1,221 @@
+"""`python -m rekd.service start|stop|status|env`: the local service, a Ray head and an MLflow tracking
+server, both bound to 127.0.0.1, Ray with token authentication on.
+
+State (PIDs, ports, the token's path, logs) lives in --state-dir (default ~/.rekd/service). `stop` ends
+exactly the two processes `start` launched, by PID: `ray start --block` tears its cluster down on
+SIGTERM, and the MLflow server takes its workers with it.
+
+    python -m rekd.service start
+    eval "$(python -m rekd.service env)"      # RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, MLFLOW_TRACKING_URI
+    ray job submit -- python -m rekd.search sparse_kd
+    python -m rekd.service stop
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rekd.cli import Parser, run
+from rekd.errors import UsageError
+
+PROG = "python -m rekd.service"
+HOST = "127.0.0.1"
+STATE_FILE = "service.json"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Start, stop or inspect the local Ray head and MLflow server (127.0.0.1 only).")
+    p.add_argument("action", choices=("start", "stop", "status", "env"))
+    p.add_argument("--state-dir", default=str(Path.home() / ".rekd" / "service"),
+                   help="where PIDs, logs, the Ray token and the MLflow store live (default ~/.rekd/service)")
+    p.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (default 6379)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and job API port (default 8265)")
+    p.add_argument("--client-port", type=int, default=23001, help="Ray client server port (default 23001)")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port (default 5000)")
+    p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
+    p.add_argument("--timeout", type=float, default=90, help="seconds to wait for each service to answer")
+    return p
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for(check, what: str, log: Path, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UsageError(f"{what} exited with status {process.returncode} while starting; see {log}")
+        if check():
+            return
+        time.sleep(0.5)
+    raise UsageError(f"{what} did not answer within {timeout:.0f} s; see {log}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(state_dir: Path) -> Optional[dict]:
+    path = state_dir / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def client_env(state: dict) -> dict[str, str]:
+    """What clients (ray job submit, rekd.search, rekd.best) need to reach and authenticate to the service."""
+    return {
+        "RAY_ADDRESS": f"http://{HOST}:{state['dashboard_port']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": state["token_path"],
+        "MLFLOW_TRACKING_URI": f"http://{HOST}:{state['mlflow_port']}",
+    }
+
+
+def start(args, state_dir: Path) -> int:
+    state = read_state(state_dir)
+    if state and (alive(state.get("ray_pid")) or alive(state.get("mlflow_pid"))):
+        raise UsageError(f"the service in {state_dir} is already running (stop it first)")
+    for flag, port in (("--ray-port", args.ray_port), ("--dashboard-port", args.dashboard_port),
+                       ("--client-port", args.client_port), ("--mlflow-port", args.mlflow_port)):
+        if not port_free(port):
+            raise UsageError(f"{flag} {port} is in use on {HOST}; choose another port")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token_path = state_dir / "ray_auth_token"
+    if not token_path.is_file():
+        token_path.touch(mode=0o600)
+        token_path.write_text(secrets.token_hex(32))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind every Ray process to 127.0.0.1 (ray 2.60)
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           # Jobs submitted to this Ray inherit its environment: they track to this server by default.
+           "MLFLOW_TRACKING_URI": f"http://{HOST}:{args.mlflow_port}"}
+    # Ray's socket paths must stay short: its session folder goes under /tmp, not under state_dir.
+    ray_temp = tempfile.mkdtemp(prefix="rekd-ray-")
+    ray_cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
+               f"--port={args.ray_port}", f"--dashboard-host={HOST}", f"--dashboard-port={args.dashboard_port}",
+               f"--ray-client-server-port={args.client_port}", f"--temp-dir={ray_temp}", "--disable-usage-stats"]
+    if args.num_cpus:
+        ray_cmd.append(f"--num-cpus={args.num_cpus}")
+    mlflow_cmd = [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(args.mlflow_port),
+                  "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{state_dir.resolve() / 'mlflow.db'}",
+                  "--artifacts-destination", str(state_dir.resolve() / "mlartifacts"),
+                  # Host headers other than these are refused: no DNS rebinding from a browser.
+                  "--allowed-hosts", f"{HOST}:{args.mlflow_port},localhost:{args.mlflow_port},{HOST},localhost"]
+    ray_log, mlflow_log = state_dir / "ray.log", state_dir / "mlflow.log"
+    with open(ray_log, "ab") as rl, open(mlflow_log, "ab") as ml:
+        ray_proc = subprocess.Popen(ray_cmd, stdout=rl, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        mlflow_proc = subprocess.Popen(mlflow_cmd, stdout=ml, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    state = {"ray_pid": ray_proc.pid, "mlflow_pid": mlflow_proc.pid, "ray_port": args.ray_port,
+             "dashboard_port": args.dashboard_port, "client_port": args.client_port, "mlflow_port": args.mlflow_port,
+             "token_path": str(token_path.resolve()), "ray_temp_dir": ray_temp,
+             "ray_log": str(ray_log), "mlflow_log": str(mlflow_log)}
+    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    try:
+        wait_for(lambda: "Ray runtime started" in ray_log.read_text(errors="replace"), "ray", ray_log,
+                 args.timeout, ray_proc)
+        wait_for(lambda: http_ok(f"http://{HOST}:{args.mlflow_port}/health"), "mlflow server", mlflow_log,
+                 args.timeout, mlflow_proc)
+    except BaseException:
+        stop_processes(state)
+        raise
+    print(f"ray head: {HOST}:{args.ray_port}, dashboard and jobs http://{HOST}:{args.dashboard_port} (token auth)")
+    print(f"mlflow:   http://{HOST}:{args.mlflow_port}")
+    print(f'clients:  eval "$({PROG} env --state-dir {state_dir})"')
+    return 0
+
+
+def stop_processes(state: dict, timeout: float = 40) -> list[str]:
+    """SIGTERM to the PIDs this service started (only while they are still the commands it started)."""
+    stopped = []
+    for key, marker in (("mlflow_pid", "mlflow"), ("ray_pid", "ray")):
+        pid = state.get(key)
+        if not alive(pid) or marker not in command_line(pid):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            reap(pid)
+            time.sleep(0.2)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(marker)
+    return stopped
+
+
+def reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, PROG, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    state_dir = Path(args.state_dir).expanduser()
+    if args.action == "start":
+        return start(args, state_dir)
+    state = read_state(state_dir)
+    if state is None:
+        raise UsageError(f"no service state in {state_dir}; start one with `{PROG} start`")
+    if args.action == "env":
+        for key, value in client_env(state).items():
+            print(f"export {key}={value}")
+    elif args.action == "status":
+        for name, key in (("ray", "ray_pid"), ("mlflow", "mlflow_pid")):
+            print(f"{name}: {'running' if alive(state.get(key)) else 'stopped'} (pid {state.get(key)})")
+    else:
+        stopped = stop_processes(state)
+        shutil.rmtree(state.get("ray_temp_dir", ""), ignore_errors=True)
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The PRUNED fix: a trial ASHA stopped early reaches Optuna as PRUNED with its intermediate values,
+where Ray's stock OptunaSearch records it as COMPLETE with its partial-budget value."""
+import optuna
+import pytest
+
+from rekd.searcher import PrunedAwareOptunaSearch, make_searcher
+from rekd.study import load_study
+
+
+def drive(stock: bool, tmp_path):
+    study = load_study("sparse_kd").with_overrides(fixed={"epochs": 3})
+    url = f"sqlite:///{tmp_path / ('stock.db' if stock else 'fixed.db')}"
+    searcher = make_searcher(study, url, "s", stock=stock)
+    assert isinstance(searcher, PrunedAwareOptunaSearch) != stock
+    for trial_id in ("full", "stopped", "failed"):
+        config = searcher.suggest(trial_id)
+        assert set(config) == {"prune_ratio", "temperature", "alpha"}
+        assert 0 <= config["prune_ratio"] <= 0.9
+    # "full" runs all 3 epochs; ASHA stops "stopped" at its rung after epoch 1 (Tune then calls
+    # on_trial_complete with that result instead of on_trial_result); "failed" raises in epoch 2.
+    for epoch, value in ((1, 0.5), (2, 0.7)):
+        searcher.on_trial_result("full", {"val_acc": value, "epoch": epoch, "training_iteration": epoch})
+    searcher.on_trial_complete("full", {"val_acc": 0.8, "epoch": 3, "training_iteration": 3})
+    searcher.on_trial_complete("stopped", {"val_acc": 0.3, "epoch": 1, "training_iteration": 1})
+    searcher.on_trial_result("failed", {"val_acc": 0.4, "epoch": 1, "training_iteration": 1})
+    searcher.on_trial_complete("failed", None, error=True)
+    return {t.number: t for t in optuna.load_study(study_name="s", storage=url).trials}
+
+
+def test_an_asha_stopped_trial_is_pruned_with_its_intermediate_values(tmp_path):
+    trials = drive(stock=False, tmp_path=tmp_path)
+    full, stopped, failed = trials[0], trials[1], trials[2]
+    assert full.state == optuna.trial.TrialState.COMPLETE and full.value == pytest.approx(0.8)
+    assert full.intermediate_values == {1: 0.5, 2: 0.7}
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert stopped.intermediate_values == {1: 0.3}
+    assert failed.state == optuna.trial.TrialState.FAIL
+
+
+def test_stock_optuna_search_records_the_stopped_trial_as_complete(tmp_path):
+    trials = drive(stock=True, tmp_path=tmp_path)
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE  # the flaw the fix removes
+    assert trials[1].value == pytest.approx(0.3) and trials[1].intermediate_values == {}

@@ -1,0 +1,124 @@
+"""Study files: the shipped ones load and name only registered things; every malformed one is refused by
+`python -m rekd.search` in one line (file, key, what is allowed), exit 2, before anything is written."""
+import pytest
+
+from rekd.config import FIELD_TYPES
+from rekd.datasets import DATASETS
+from rekd.models import ARCHS
+from rekd.search import main
+from rekd.study import SEARCH_SPACES, load_study
+
+GOOD = """\
+study: t
+metric: val_acc
+mode: max
+fixed: {mode: sparse_kd, dataset: digits, arch: tiny, epochs: 4}
+params:
+  prune_ratio: {type: uniform, low: 0.0, high: 0.9}
+  temperature: {type: loguniform, low: 1.0, high: 20.0}
+sampler: {type: tpe, seed: 0}
+asha: {grace_period: 1, reduction_factor: 2}
+num_samples: 4
+max_concurrency: 2
+resources: {cpu: 1, gpu: 0.5}
+"""
+
+
+@pytest.mark.parametrize("name", ["sparse_kd", "default_kd", "baseline"])
+def test_shipped_studies_load_and_use_only_registered_names(name):
+    study = load_study(name)
+    assert study.fixed["mode"] == name
+    assert study.fixed["dataset"] in DATASETS and study.fixed["arch"] in ARCHS
+    assert all(p.name in FIELD_TYPES for p in study.params)
+    assert study.metric == "val_acc" and study.grace_period <= study.epochs
+    smoke = study.smoke()
+    assert smoke.epochs <= 2 and smoke.num_samples <= 8
+
+
+def test_every_study_file_in_search_spaces_is_valid():
+    files = sorted(SEARCH_SPACES.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"sparse_kd", "default_kd", "baseline"}
+    for f in files:
+        load_study(str(f))
+
+
+def replace(text, old, new):
+    assert old in text, old
+    return text.replace(old, new)
+
+
+BAD = [
+    ("not a mapping", "- 1\n- 2\n", "expected a mapping"),
+    ("broken yaml", "study: [t\n", "not valid YAML"),
+    ("unknown key", GOOD + "colour: blue\n", "colour: unknown key; allowed: study, description, metric"),
+    ("missing params", replace(GOOD, "params:\n  prune_ratio: {type: uniform, low: 0.0, high: 0.9}\n  temperature: {type: loguniform, low: 1.0, high: 20.0}\n", ""), "params: missing"),
+    ("low above high", replace(GOOD, "low: 0.0, high: 0.9", "low: 0.8, high: 0.2"), "params.prune_ratio: low=0.8 must be below high=0.2"),
+    ("unknown distribution", replace(GOOD, "type: uniform", "type: gaussian"), "params.prune_ratio.type: 'gaussian' is not allowed; allowed: uniform | loguniform | int | categorical"),
+    ("bound outside legal range", replace(GOOD, "high: 0.9", "high: 1.0"), "params.prune_ratio.high: prune_ratio=1.0 is not allowed; allowed: 0 <= prune_ratio < 1"),
+    ("loguniform at zero", replace(GOOD, "low: 1.0, high: 20.0", "low: 0.0, high: 20.0"), "params.temperature.low: 0.0 is not allowed for loguniform"),
+    ("param not a setting", replace(GOOD, "temperature: {", "temprature: {"), "params.temprature: not a setting"),
+    ("wrong type of bound", replace(GOOD, "high: 0.9", "high: lots"), "params.prune_ratio.high: 'lots' has the wrong type; allowed: a number"),
+    ("wrong type num_samples", replace(GOOD, "num_samples: 4", "num_samples: many"), "num_samples: 'many' has the wrong type"),
+    ("num_samples zero", replace(GOOD, "num_samples: 4", "num_samples: 0"), "num_samples: 0 is not allowed; allowed: an integer >= 1"),
+    ("unknown fixed setting", replace(GOOD, "epochs: 4}", "epochs: 4, colour: red}"), "fixed: unknown setting 'colour'"),
+    ("fixed value out of range", replace(GOOD, "epochs: 4}", "epochs: 0}"), "fixed: epochs=0 is not allowed"),
+    ("unknown dataset", replace(GOOD, "dataset: digits", "dataset: mnist"), "unknown dataset 'mnist'"),
+    ("unknown sampler", replace(GOOD, "type: tpe", "type: cmaes"), "sampler.type: 'cmaes' is not allowed; allowed: tpe | random"),
+    ("unknown asha key", replace(GOOD, "reduction_factor: 2", "eta: 2"), "asha.eta: unknown key"),
+    ("grace beyond epochs", replace(GOOD, "grace_period: 1", "grace_period: 9"), "asha.grace_period: 9 exceeds epochs=4"),
+    ("mode", replace(GOOD, "mode: max", "mode: best"), "mode: 'best' is not allowed; allowed: max | min"),
+    ("searched and fixed", replace(GOOD, "epochs: 4}", "epochs: 4, temperature: 2.0}"), "params.temperature: is also in fixed"),
+    ("confidence at 1/C", GOOD.replace("sparse_kd", "default_kd").replace("prune_ratio: {type: uniform, low: 0.0, high: 0.9}", "confidence: {type: uniform, low: 0.05, high: 0.99}"), "params.confidence.low: 0.05 is not allowed for digits; allowed: > 1/10"),
+    ("int of a float setting", replace(GOOD, "prune_ratio: {type: uniform", "prune_ratio: {type: int"), "params.prune_ratio.type: int does not fit prune_ratio, which is float; allowed: categorical"),
+    ("categorical choice illegal", replace(GOOD, "prune_ratio: {type: uniform, low: 0.0, high: 0.9}", "prune_ratio: {type: categorical, choices: [0.1, 1.5]}"), "params.prune_ratio.choices: prune_ratio=1.5 is not allowed"),
+    ("resources not a mapping", replace(GOOD, "resources: {cpu: 1, gpu: 0.5}", "resources: 4"), "resources: 4 has the wrong type; allowed: a mapping"),
+]
+
+
+@pytest.mark.parametrize("text,message", [(t, m) for _, t, m in BAD], ids=[n for n, _, _ in BAD])
+def test_a_malformed_study_is_one_line_exit_2_and_nothing_is_written(text, message, tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    storage = tmp_path / "results"
+    code = main(["t", "--search-space", str(path), "--storage-path", str(storage)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["nosuchstudy"], "unknown study 'nosuchstudy'; allowed: baseline, default_kd, sparse_kd"),
+    (["sparse_kd", "--num-samples", "0"], "--num-samples 0 is not allowed; allowed: an integer >= 1"),
+    (["sparse_kd", "--epochs", "0"], "epochs=0 is not allowed"),
+    (["sparse_kd", "--set", "prune_ratio=2"], "prune_ratio=2.0 is not allowed"),
+    (["sparse_kd", "--set", "colour=red"], "--set 'colour=red': expected key=value"),
+    (["sparse_kd", "--arch", "resnet50"], "unknown arch 'resnet50'"),
+    (["sparse_kd", "--dataset", "cifar100", "--data-root", "/nonexistent"], "cifar100: expected"),
+])
+def test_bad_flags_are_one_line_exit_2(argv, message, tmp_path, capsys):
+    storage = tmp_path / "results"
+    code = main(argv + ["--storage-path", str(storage)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_unwritable_storage_path_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = main(["sparse_kd", "--storage-path", str(blocker / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be written" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_set_of_a_searched_setting_fixes_it_and_flags_override_the_file():
+    from rekd.search import build_parser, plan_from_args
+    import tempfile
+    args = build_parser().parse_args(["sparse_kd", "--set", "prune_ratio=0.3", "--epochs", "3", "--num-samples", "5",
+                                      "--storage-path", tempfile.mkdtemp()])
+    plan = plan_from_args(args)
+    assert "prune_ratio" not in {p.name for p in plan.study.params}
+    assert plan.base.prune_ratio == 0.3 and plan.base.epochs == 3 and plan.base.teacher_epochs == 3
+    assert plan.study.num_samples == 5
