@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -18,7 +19,8 @@ from rekd.config import TrainConfig, FIELD_TYPES, base_type, parse_value, read_s
 from rekd.datasets import dataset_spec
 from rekd.errors import UsageError
 
-SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+# The repository's search_spaces/ next to the package; installed images point REKD_SEARCH_SPACES at theirs.
+SEARCH_SPACES = Path(os.environ.get("REKD_SEARCH_SPACES") or Path(__file__).resolve().parent.parent / "search_spaces")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SAMPLERS = ("tpe", "random")
 MODES = ("max", "min")
