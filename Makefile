@@ -5,7 +5,7 @@ PY := .venv/bin/python
 .PHONY: run test setup
 
 run: setup
-	$(PY) -m rekd.train baseline
+	$(PY) -m rekd.search sparse_kd
 
 test: setup
 	$(PY) -m pytest -q

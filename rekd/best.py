@@ -78,6 +78,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store there; a typo must not leave a new database behind.
+        raise UsageError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; check --tracking-uri")
     client = client_for(uri)
     try:
         experiment = client.get_experiment_by_name(args.experiment)

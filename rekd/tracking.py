@@ -17,6 +17,12 @@ from ray.tune import Callback
 
 from rekd.errors import UsageError
 
+# MLflow's client retries a dead server for minutes by default (5 retries, backoff 2, 120 s timeout):
+# a tracking call should fail in well under a minute instead. Users can still set their own values.
+for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+    os.environ.setdefault(_key, _value)
+
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "rekd.role"  # search | trial | final
 SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child

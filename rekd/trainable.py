@@ -7,6 +7,7 @@ neither reads them from disk nor trains a teacher.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from rekd.train import train
 
 
 def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: Optional[dict] = None) -> None:
+    # One line per epoch per trial saying a checkpoint was written drowns the driver's table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config, source="trial config")
     run_dir = Path(tempfile.mkdtemp(prefix="rekd-trial-"))
     try:
