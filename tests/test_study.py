@@ -122,3 +122,13 @@ def test_set_of_a_searched_setting_fixes_it_and_flags_override_the_file():
     assert "prune_ratio" not in {p.name for p in plan.study.params}
     assert plan.base.prune_ratio == 0.3 and plan.base.epochs == 3 and plan.base.teacher_epochs == 3
     assert plan.study.num_samples == 5
+
+
+def test_studies_load_and_validate_without_importing_ray():
+    import subprocess
+    import sys
+    code = ("import sys; from rekd.study import load_study; "
+            "[load_study(n).smoke() for n in ('sparse_kd', 'default_kd', 'baseline')]; "
+            "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
