@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
-from rekd.search import SearchPlan, start_ray, teacher_weights_for
+from rekd.search import PROG as PROG_NAME, SearchPlan, start_ray, teacher_weights_for
 from rekd.search_report import summarize
 from rekd.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, first_line
 
@@ -120,4 +120,7 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
     client.set_terminated(parent_id, "FINISHED")
     summary.print(plan, parent_id)
     sys.stdout.flush()
-    return 0 if summary.counts.get("completed", 0) + summary.counts.get("stopped_early", 0) else 1
+    if summary.best is None:
+        print(f"{PROG_NAME}: no trial produced a result; see the outcomes above and in MLflow", file=sys.stderr)
+        return 1
+    return 0

@@ -27,6 +27,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # The classic reporter prints the columns chosen in rekd.driver.progress_table; the newer engine ignores them.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# A trial that runs out of GPU memory ends with a result that says why and carries no metric.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def build_parser() -> Parser:

@@ -96,7 +96,12 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path) -> Summary:
     for result in results:
         last = result.metrics or {}
         epochs = int(last.get("epoch", 0))
-        outcome = "errored" if result.error else ("completed" if epochs >= study.epochs else "stopped_early")
+        if result.error:
+            outcome = "errored"
+        elif last.get("stop_reason"):
+            outcome = str(last["stop_reason"])
+        else:
+            outcome = "completed" if epochs >= study.epochs else "stopped_early"
         value = last.get(study.metric)
         rows.append(TrialRow(
             trial_id=str(last.get("trial_id", result.path.rsplit("/", 1)[-1])),
@@ -108,7 +113,7 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path) -> Summary:
     for row in rows:
         counts[row.outcome] = counts.get(row.outcome, 0) + 1
     candidates = [r for r in rows if r.outcome == "completed" and math.isfinite(r.value)] or \
-                 [r for r in rows if math.isfinite(r.value)]
+                 [r for r in rows if r.outcome == "stopped_early" and math.isfinite(r.value)]
     best = sorted(candidates, key=sort_key(study.mode))[0] if candidates else None
     summary = Summary(study.metric, study.mode, rows, best, counts, sum(r.epochs for r in rows),
                       study.num_samples * study.epochs)

@@ -15,6 +15,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from rekd.study import Param, Study
+from rekd.trainable import STOP_REASON
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,13 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:  # a result that only says why the trial stopped carries no metric
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if result and result.get(STOP_REASON):  # NaN loss or out of memory: a failed configuration
+            return super().on_trial_complete(trial_id, None, error=True)
         epoch = (result or {}).get(EPOCH_KEY)
         if error or epoch is None or epoch >= self.max_epochs or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)

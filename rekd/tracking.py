@@ -4,7 +4,8 @@ Metrics take one road: trial -> tune.report -> this Tune callback in the driver 
 talk to MLflow themselves, so a trial cannot block on the tracking server and the runs stay consistent.
 Ray's stock MLflowLoggerCallback makes flat runs; these carry `mlflow.parentRunId`, the trial's
 settings as params by their own names, its metrics per epoch (step = epoch) and a `rekd.outcome` tag:
-completed, stopped_early (with `rekd.stopped_at_epoch`) or errored.
+completed, stopped_early (ASHA, with `rekd.stopped_at_epoch`), non_finite_loss or cuda_oom (the trial
+stopped itself, with `rekd.stop_detail`), or errored.
 """
 from __future__ import annotations
 
@@ -115,8 +116,12 @@ class MlflowTrialTracker(Callback):
             self.client.log_batch(run_id, metrics=metrics)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        epoch = int((trial.last_result or {}).get("epoch", 0))
-        if epoch >= self.epochs:
+        last = trial.last_result or {}
+        epoch = int(last.get("epoch", 0))
+        if last.get("stop_reason"):  # NaN loss or out of memory: said by the trainable
+            self._finish(trial, str(last["stop_reason"]), "FAILED",
+                         {"rekd.stopped_at_epoch": str(epoch), "rekd.stop_detail": str(last.get("stop_detail", ""))[:500]})
+        elif epoch >= self.epochs:
             self._finish(trial, "completed", "FINISHED")
         else:
             self._finish(trial, "stopped_early", "FINISHED", {"rekd.stopped_at_epoch": str(epoch)})

@@ -41,7 +41,7 @@ OBJECTIVES = {
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite: the run cannot go on."""
+    """The training loss or the weights became NaN or infinite: the run cannot go on."""
 
 
 @dataclass
@@ -167,13 +167,19 @@ def train(
         if cfg.eval_test:
             metrics["test_acc"] = evaluate(model, data, data.test, cfg)[0]
         history.append(metrics)
-        finite = math.isfinite(metrics["train_loss"])
+        # Spikes stop NaN in the forward pass (NaN never crosses the threshold), but surrogate gradients
+        # carry it into the weights: check those too, once per epoch.
+        finite = math.isfinite(metrics["train_loss"]) and bool(
+            torch.stack([p.detach().float().sum() for p in model.parameters()]).isfinite().all())
+        if not finite:
+            metrics["diverged"] = 1.0  # the callback learns it before the NonFiniteLoss below
         if finite and run_dir is not None:  # never overwrite the last good checkpoint with a diverged one
             save_checkpoint(Path(run_dir), cfg, epoch + 1, model, optimization, generator, history)
         if on_epoch is not None:
             on_epoch(metrics)
         if not finite:
-            raise NonFiniteLoss(f"training loss became {metrics['train_loss']} in epoch {epoch + 1}")
+            raise NonFiniteLoss(f"training diverged in epoch {epoch + 1}: non-finite loss or weights "
+                                f"(train_loss={metrics['train_loss']:.4g})")
     return TrainResult(cfg, model, history)
 
 

@@ -4,6 +4,9 @@ It rebuilds the TrainConfig from the trial's config, reports once per epoch with
 "iteration" means "epoch" for ASHA) and resumes from Tune's checkpoint when the trial is restarted. The
 dataset and the teacher's weights arrive through Ray's object store (tune.with_parameters), so a trial
 neither reads them from disk nor trains a teacher.
+
+A trial whose loss turns NaN or infinite, or that runs out of GPU memory, ends there with
+`stop_reason` in its last result; the search goes on (retrying would only repeat the failure).
 """
 from __future__ import annotations
 
@@ -13,12 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import torch
 from ray import tune
 
 from rekd.checkpoint import FILENAME
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
-from rekd.train import train
+from rekd.train import NonFiniteLoss, train
+
+STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom
+STOP_DETAIL = "stop_detail"
 
 
 def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: Optional[dict] = None) -> None:
@@ -32,9 +39,25 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
             with checkpoint.as_directory() as restored:
                 shutil.copy(Path(restored) / FILENAME, run_dir / FILENAME)
 
+        last: dict = {}
+
         def report(metrics: dict) -> None:
+            if metrics.get("diverged"):  # train() raises NonFiniteLoss right after this report
+                metrics = {**metrics, STOP_REASON: "non_finite_loss",
+                           STOP_DETAIL: f"training diverged in epoch {metrics['epoch']}: non-finite loss or weights"}
+            last.clear()
+            last.update(metrics)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(run_dir)))
 
-        train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=report, run_dir=run_dir)
+        try:
+            train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=report, run_dir=run_dir)
+        except NonFiniteLoss:
+            return  # reported with its reason above; the trial ends, the search goes on
+        except torch.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+            # No metric in this result (the driver turns Tune's strict metric check off): ASHA and the
+            # searcher pass over it, the tracker tags the reason.
+            tune.report({"epoch": last.get("epoch", 0), STOP_REASON: "cuda_oom", STOP_DETAIL: detail[:300]})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
