@@ -5,8 +5,8 @@ starts (two trials opening a new SQLite store at once race), and closed with the
 """
 from __future__ import annotations
 
+import json
 import sys
-import traceback
 
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -15,7 +15,10 @@ from rekd.datasets import DataSplits
 from rekd.provenance import provenance
 from rekd.search import PROG as PROG_NAME, SearchPlan, start_ray, teacher_weights_for
 from rekd.search_report import summarize
-from rekd.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, first_line
+from rekd.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent, first_line
+
+
+UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
 
 
 def describe_space(plan: SearchPlan) -> dict[str, str]:
@@ -107,20 +110,28 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
     try:
         results = tuner.fit()
     except BaseException as e:
-        client.set_tag(parent_id, "rekd.error", first_line(e)[:500])
-        client.set_terminated(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.log_parent(tags=[RunTag("rekd.error", first_line(e)[:500])])
+        tracker.end_parent("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        report_unsent(tracker.close(timeout=30), experiment_dir)
         raise
-    try:
-        summary = summarize(plan, results, optuna_url, experiment_dir)
-        summary.log_to(client, parent_id)
-    except Exception:
-        traceback.print_exc()
-        client.set_terminated(parent_id, "FAILED")
-        return 1
-    client.set_terminated(parent_id, "FINISHED")
+    summary = summarize(plan, results, optuna_url, experiment_dir)
+    summary.log_to(tracker)
+    tracker.end_parent("FINISHED")
+    unsent = tracker.close(timeout=UNSENT_GRACE_S)
     summary.print(plan, parent_id)
+    report_unsent(unsent, experiment_dir)
     sys.stdout.flush()
     if summary.best is None:
         print(f"{PROG_NAME}: no trial produced a result; see the outcomes above and in MLflow", file=sys.stderr)
         return 1
     return 0
+
+
+def report_unsent(unsent: list, experiment_dir) -> None:
+    """Say clearly what never reached MLflow, and keep it in a file next to the results."""
+    if not unsent:
+        return
+    path = experiment_dir / "mlflow-unsent.json"
+    path.write_text(json.dumps(unsent, indent=1, default=lambda o: getattr(o, "__dict__", str(o))))
+    print(f"warning: the MLflow server stayed unreachable; {len(unsent)} logging calls were not made "
+          f"({describe_unsent(unsent)}); they are saved in {path}", file=sys.stderr)

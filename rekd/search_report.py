@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 
 TOP = 5
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
@@ -45,14 +45,13 @@ class Summary:
             out[f"best_{self.metric}"] = self.best.value
         return out
 
-    def log_to(self, client, run_id: str) -> None:
+    def log_to(self, tracker) -> None:
+        """The summary onto the search's parent run, through the tracker's queue."""
         params = [Param(f"best.{k}", str(v)) for k, v in sorted(self.best.params.items())] if self.best else []
-        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in self.metrics().items()],
-                         params=params)
-        if self.best is not None:
-            client.set_tag(run_id, "rekd.best_trial", self.best.trial_id)
+        tags = [RunTag("rekd.best_trial", self.best.trial_id)] if self.best else []
+        tracker.log_parent(metrics=[Metric(k, v, 0, 0) for k, v in self.metrics().items()], params=params, tags=tags)
         for path in self.artifacts:
-            client.log_artifact(run_id, str(path), artifact_path="summary")
+            tracker.log_parent_artifact(str(path), "summary")
 
     def print(self, plan, parent_run_id: str) -> None:
         metric, study = self.metric, plan.study

@@ -9,7 +9,12 @@ stopped itself, with `rekd.stop_detail`), or errored.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import math
 import os
+import threading
+import time
 from typing import Any, Optional
 
 from mlflow.entities import Metric, Param, RunTag
@@ -17,6 +22,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from rekd.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 # MLflow's client retries a dead server for minutes by default (5 retries, backoff 2, 120 s timeout):
 # a tracking call should fail in well under a minute instead. Users can still set their own values.
@@ -73,7 +80,13 @@ def numeric_metrics(result: dict, step: int, timestamp_ms: int) -> list[Metric]:
 
 
 class MlflowTrialTracker(Callback):
-    """A Tune callback (runs in the driver) that mirrors every trial into a nested MLflow run."""
+    """A Tune callback (runs in the driver) that mirrors every trial into a nested MLflow run.
+
+    The callbacks only queue what is to be logged; one background thread sends it, in order. When the
+    tracking server is down the thread waits and retries, so neither the trials nor Tune's event loop
+    wait on MLflow; what is still unsent when the search ends is flushed within `close(timeout)` or
+    written to a file and reported.
+    """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, search_name: str, epochs: int):
         self.tracking_uri = tracking_uri
@@ -81,39 +94,39 @@ class MlflowTrialTracker(Callback):
         self.parent_run_id = parent_run_id
         self.search_name = search_name
         self.epochs = epochs
-        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
-        self.outcomes: dict[str, str] = {}
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id (kept across driver restarts)
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
         self._client: Optional[MlflowClient] = None
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._closing = False
+        self._deadline = math.inf
+        self.failures = 0  # calls that had to be retried
+        self.last_error = ""
 
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = client_for(self.tracking_uri)
-        return self._client
+    def __getstate__(self) -> dict:  # Tune snapshots its callbacks: the queue's content, not its thread
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["pending"] = list(self._queue)
+        return state
 
-    def __getstate__(self) -> dict:  # Tune snapshots its callbacks: keep the client out of the pickle
-        return {**self.__dict__, "_client": None}
+    def __setstate__(self, state: dict) -> None:
+        pending = state.pop("pending", [])
+        self.__dict__.update(state)
+        self._init_runtime()
+        self._queue.extend(pending)
 
+    # -- Tune's callbacks: queue only ------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        if trial.trial_id in self.runs:  # a trial restarted from its checkpoint keeps its run
-            return
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial.trial_id}",
-            tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", SEARCH_TAG: self.search_name,
-                  "rekd.trial_id": trial.trial_id},
-        )
-        self.runs[trial.trial_id] = run.info.run_id
-        self.client.log_batch(run.info.run_id, params=flat_params(trial.config))
+        self._submit(("start", trial.trial_id, dict(trial.config)))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        run_id = self.runs.get(trial.trial_id)
-        if run_id is None:
-            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        timestamp_ms = int(result.get("timestamp", 0) * 1000) or None
-        metrics = numeric_metrics(result, step, timestamp_ms or 0)
+        metrics = numeric_metrics(result, step, int(result.get("timestamp", 0) * 1000))
         if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
+            self._submit(("log", trial.trial_id, metrics, [], []))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
@@ -132,13 +145,92 @@ class MlflowTrialTracker(Callback):
         self._finish(trial, "errored", "FAILED", {"rekd.error": reason[:500]})
 
     def _finish(self, trial, outcome: str, status: str, extra: Optional[dict] = None) -> None:
-        self.outcomes[trial.trial_id] = outcome
-        run_id = self.runs.get(trial.trial_id)
+        tags = [RunTag(OUTCOME_TAG, outcome)] + [RunTag(k, v) for k, v in (extra or {}).items()]
+        self._submit(("log", trial.trial_id, [], [], tags))
+        self._submit(("end", trial.trial_id, status))
+
+    # -- the parent run, through the same ordered queue ------------------------------------------------
+    def log_parent(self, metrics: list[Metric] = (), params: list[Param] = (), tags: list[RunTag] = ()) -> None:
+        self._submit(("log", None, list(metrics), list(params), list(tags)))
+
+    def log_parent_artifact(self, path: str, artifact_path: str) -> None:
+        self._submit(("artifact", None, path, artifact_path))
+
+    def end_parent(self, status: str) -> None:
+        self._submit(("end", None, status))
+
+    def close(self, timeout: float) -> list:
+        """Send what is queued, waiting at most `timeout` seconds for the server; returns what is unsent."""
+        with self._wake:
+            self._closing = True
+            self._deadline = time.monotonic() + timeout
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout + 5)
+        return list(self._queue)
+
+    # -- the writer thread -----------------------------------------------------------------------------
+    def _submit(self, op: tuple) -> None:
+        with self._wake:
+            self._queue.append(op)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._drain, name="rekd-mlflow", daemon=True)
+                self._thread.start()
+            self._wake.notify_all()
+
+    def _drain(self) -> None:
+        delay = 1.0
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                op = self._queue[0]
+            try:
+                self._execute(op)
+            except Exception as e:  # server down, timeout, 5xx: keep the op, wait, retry
+                self.failures += 1
+                self.last_error = first_line(e)
+                if delay == 1.0:
+                    log.warning("MLflow unreachable (%s); logging continues when it is back", self.last_error)
+                with self._wake:
+                    if self._closing and time.monotonic() + delay > self._deadline:
+                        return
+                    self._wake.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 1.0
+            with self._wake:
+                self._queue.popleft()
+
+    def _execute(self, op: tuple) -> None:
+        if self._client is None:
+            self._client = client_for(self.tracking_uri)
+        kind, trial_id = op[0], op[1]
+        if kind == "start":
+            if trial_id not in self.runs:  # a trial restarted from its checkpoint keeps its run
+                run = self._client.create_run(
+                    self.experiment_id, run_name=f"trial-{trial_id}",
+                    tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", SEARCH_TAG: self.search_name,
+                          "rekd.trial_id": trial_id})
+                self.runs[trial_id] = run.info.run_id
+            self._client.log_batch(self.runs[trial_id], params=flat_params(op[2]))
+            return
+        run_id = self.parent_run_id if trial_id is None else self.runs.get(trial_id)
         if run_id is None:
             return
-        tags = [RunTag(OUTCOME_TAG, outcome)] + [RunTag(k, v) for k, v in (extra or {}).items()]
-        self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, status)
+        if kind == "log":
+            self._client.log_batch(run_id, metrics=op[2], params=op[3], tags=op[4])
+        elif kind == "artifact":
+            self._client.log_artifact(run_id, op[2], artifact_path=op[3])
+        elif kind == "end":
+            self._client.set_terminated(run_id, op[2])
+
+
+def describe_unsent(ops: list) -> str:
+    kinds = collections.Counter(op[0] for op in ops)
+    return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
 
 
 def tracking_uri_from(flag: Optional[str], storage_path: str) -> str:

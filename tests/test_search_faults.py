@@ -31,7 +31,15 @@ def test_train_raises_after_reporting_the_epoch_and_keeps_the_last_good_checkpoi
     assert not (tmp_path / "last.pt").exists()  # a diverged state is never saved as the checkpoint
 
 
-def test_a_search_whose_trials_diverge_tags_them_and_finishes(tmp_path, capsys):
+@pytest.fixture
+def local_ray():
+    """run_search starts a private Ray in this process; end it so later tests find the machine free."""
+    yield
+    import ray
+    ray.shutdown()
+
+
+def test_a_search_whose_trials_diverge_tags_them_and_finishes(tmp_path, capsys, local_ray):
     from rekd.driver import run_search
     from rekd.tracking import client_for, ensure_experiment
 
