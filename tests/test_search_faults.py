@@ -2,6 +2,9 @@
 failed in Optuna, and the search goes on to its last trial."""
 import dataclasses
 import math
+import os
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +17,7 @@ from rekd.search import build_parser, plan_from_args
 from rekd.train import NonFiniteLoss, resolve, train
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def poisoned_digits():
@@ -68,3 +72,84 @@ def test_cuda_out_of_memory_stops_the_trial_with_that_reason(tmp_path):
     cfg = TrainConfig(arch="vgg16", dataset="digits", epochs=1, batch_size=2**20, device="cuda")
     with pytest.raises(torch.OutOfMemoryError):
         train(cfg)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow(port: int, store: Path, log: Path):
+    import subprocess
+    import time
+    import urllib.request
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                             "--artifacts-destination", str(store / "artifacts")],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise AssertionError(f"mlflow server did not start; see {log}")
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_a_tracking_server_outage_delays_logging_but_loses_nothing(tmp_path):
+    import subprocess
+    import time
+    port, store = free_port(), tmp_path / "store"
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow(port, store, tmp_path / "mlflow.log")
+    search = subprocess.Popen(
+        [sys.executable, "-m", "rekd.search", "default_kd", "--smoke-test", "--num-samples", "4", "--epochs", "3",
+         "--tracking-uri", uri, "--storage-path", str(tmp_path / "results"), "--name", "outage"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # the outage starts once trials are being tracked
+            experiment = client.get_experiment_by_name("rekd-default_kd")
+            if experiment and client.search_runs([experiment.experiment_id],
+                                                 filter_string="tags.`rekd.role` = 'trial'"):
+                break
+            time.sleep(0.5)
+        stop(server)
+        time.sleep(12)  # trials keep training while nothing can be logged
+        server = start_mlflow(port, store, tmp_path / "mlflow.log")
+        output, _ = search.communicate(timeout=400)
+    finally:
+        if search.poll() is None:
+            search.kill()
+        stop(server)
+    assert search.returncode == 0, output[-3000:]
+    assert "MLflow unreachable" in output and "were not made" not in output
+    server = start_mlflow(port, store, tmp_path / "mlflow.log")
+    try:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("rekd-default_kd")
+        parent = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")[0]
+        assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == 4
+        for child in children:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+            assert steps == list(range(1, len(steps) + 1)) and steps  # continuous, nothing lost or doubled
+            expected = 3 if child.data.tags["rekd.outcome"] == "completed" else int(child.data.tags["rekd.stopped_at_epoch"])
+            assert len(steps) == expected
+    finally:
+        stop(server)
+    assert not (tmp_path / "results" / "outage" / "mlflow-unsent.json").exists()
