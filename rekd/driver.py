@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
-from rekd.search import PROG as PROG_NAME, SearchPlan, start_ray, teacher_weights_for
+from rekd.scheduler import ResumableASHA
+from rekd.search import PROG as PROG_NAME, STATE_FILE, SearchPlan, start_ray, teacher_weights_for
 from rekd.search_report import summarize
 from rekd.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent, first_line
 
@@ -60,7 +61,6 @@ def progress_table(study):
 def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str) -> int:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from rekd.searcher import make_searcher
@@ -77,36 +77,49 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
     if plan.base.mode == "sparse_kd":
         teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"])
 
-    parent = client.create_run(experiment_id, run_name=plan.name,
-                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": study.name})
-    parent_id = parent.info.run_id
-    client.log_batch(parent_id, params=parent_params(plan),
-                     tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
-    client.log_artifact(parent_id, str(study.path), artifact_path="study")
-
     experiment_dir = plan.storage_path / plan.name
-    experiment_dir.mkdir(parents=True, exist_ok=True)
+    if plan.resume:  # the parent run of the interrupted driver goes on
+        parent_id = plan.resume["parent_run_id"]
+        client.set_tag(parent_id, "rekd.resumed", "true")
+        print(f"resuming search {plan.name}: MLflow parent run {parent_id}", flush=True)
+    else:
+        parent = client.create_run(experiment_id, run_name=plan.name,
+                                   tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": study.name})
+        parent_id = parent.info.run_id
+        client.log_batch(parent_id, params=parent_params(plan),
+                         tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+        client.log_artifact(parent_id, str(study.path), artifact_path="study")
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        (experiment_dir / STATE_FILE).write_text(json.dumps(
+            {"argv": list(plan.argv), "parent_run_id": parent_id, "experiment_id": experiment_id,
+             "tracking_uri": plan.tracking_uri}, indent=2))
     optuna_url = f"sqlite:///{experiment_dir / 'optuna.db'}"
     searcher = ConcurrencyLimiter(make_searcher(study, optuna_url, plan.name, stock=plan.stock_optuna),
                                   max_concurrent=study.max_concurrency)
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=study.metric, mode=study.mode,
+    scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
                               max_t=study.epochs, grace_period=study.grace_period,
                               reduction_factor=study.reduction_factor)
     tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, study.epochs)
     searched = {p.name for p in study.params}
     fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher), resources),
-        param_space=fixed,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_samples,
-                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(
-            name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=2),
-            progress_reporter=progress_table(study), verbose=1,
-        ),
-    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher), resources)
+    if plan.resume:
+        # Trials, searcher (and its Optuna study), callbacks' state come back from the experiment folder.
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=fixed)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=fixed,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_samples,
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(
+                name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=2),
+                progress_reporter=progress_table(study), verbose=1,
+            ),
+        )
     try:
         results = tuner.fit()
     except BaseException as e:
@@ -114,6 +127,10 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
         tracker.end_parent("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         report_unsent(tracker.close(timeout=30), experiment_dir)
         raise
+    if plan.resume:  # Tune ran the tracker it unpickled from the experiment, not the one made here
+        restored = [t for t in MlflowTrialTracker.active() if t is not tracker and t.parent_run_id == parent_id]
+        if restored:
+            tracker = restored[-1]
     summary = summarize(plan, results, optuna_url, experiment_dir)
     summary.log_to(tracker)
     tracker.end_parent("FINISHED")

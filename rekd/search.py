@@ -7,6 +7,8 @@ checked before Ray starts or anything is written.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -50,6 +52,8 @@ def build_parser() -> Parser:
     p.add_argument("--experiment", help="MLflow experiment (default rekd-<study>)")
     p.add_argument("--name", help="name of this search (default <study>-<date>-<time>)")
     p.add_argument("--smoke-test", action="store_true", help="a few trials of one or two epochs (about a minute on a CPU)")
+    p.add_argument("--resume", metavar="NAME",
+                   help="continue the search NAME (in --storage-path) after its driver died: finished trials are kept")
     p.add_argument("--stock-optuna", action="store_true",
                    help="record ASHA-stopped trials as Ray's OptunaSearch does (COMPLETE), for comparison")
     return p
@@ -65,9 +69,30 @@ class SearchPlan:
     tracking_uri: str
     experiment: str
     stock_optuna: bool
+    argv: tuple = ()  # the command line that made the plan, saved for --resume
+    resume: Optional[dict] = None  # rekd-search.json of the search being resumed
 
 
-def plan_from_args(args) -> SearchPlan:
+STATE_FILE = "rekd-search.json"
+
+
+def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
+    """The checked plan of a new search, or of the one --resume names (rebuilt from its saved command line)."""
+    if args.resume:
+        folder = Path(args.storage_path).expanduser().resolve() / args.resume
+        if not (folder / STATE_FILE).is_file():
+            raise UsageError(f"--resume {args.resume}: no search state at {folder / STATE_FILE}; "
+                             f"allowed: a search name in {folder.parent}")
+        state = json.loads((folder / STATE_FILE).read_text())
+        saved = build_parser().parse_args(state["argv"])
+        if saved.study != args.study:
+            raise UsageError(f"--resume {args.resume} is a search of study {saved.study!r}, not {args.study!r}")
+        plan = new_plan(saved, state["argv"], must_be_new=False)
+        return dataclasses.replace(plan, resume=state)
+    return new_plan(args, argv, must_be_new=True)
+
+
+def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
     from rekd.tracking import tracking_uri_from
 
     study = load_study(args.search_space or args.study)
@@ -94,10 +119,12 @@ def plan_from_args(args) -> SearchPlan:
     storage_path = Path(args.storage_path).expanduser().resolve()
     check_writable(storage_path)
     name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (storage_path / name).exists():
-        raise UsageError(f"--name {name!r}: {storage_path / name} already exists; choose another name")
+    if must_be_new and (storage_path / name).exists():
+        raise UsageError(f"--name {name!r}: {storage_path / name} already exists; choose another name "
+                         f"or continue it with --resume {name}")
+    argv = [*argv, "--name", name] if "--name" not in argv else list(argv)
     return SearchPlan(study, base, name, storage_path, tracking_uri_from(args.tracking_uri, str(storage_path)),
-                      args.experiment or f"rekd-{study.name}", args.stock_optuna)
+                      args.experiment or f"rekd-{study.name}", args.stock_optuna, tuple(argv))
 
 
 def check_writable(path: Path) -> None:
@@ -145,8 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    plan = plan_from_args(args)
+    plan = plan_from_args(args, argv)
     data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
     from rekd.tracking import client_for, ensure_experiment
 

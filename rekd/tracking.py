@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 from mlflow.entities import Metric, Param, RunTag
@@ -79,6 +80,9 @@ def numeric_metrics(result: dict, step: int, timestamp_ms: int) -> list[Metric]:
     return metrics
 
 
+_ACTIVE: "weakref.WeakSet[MlflowTrialTracker]" = weakref.WeakSet()
+
+
 class MlflowTrialTracker(Callback):
     """A Tune callback (runs in the driver) that mirrors every trial into a nested MLflow run.
 
@@ -97,6 +101,20 @@ class MlflowTrialTracker(Callback):
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id (kept across driver restarts)
         self._init_runtime()
 
+    @classmethod
+    def active(cls) -> list["MlflowTrialTracker"]:
+        """The trackers of this process, including those Tune unpickled when it restored an experiment."""
+        return list(_ACTIVE)
+
+    def get_state(self) -> dict:  # saved by Tune with its experiment state, given back on restore
+        with self._wake:
+            return {"runs": dict(self.runs), "pending": list(self._queue)}
+
+    def set_state(self, state: dict) -> None:
+        with self._wake:
+            self.runs.update(state.get("runs", {}))
+            self._queue.extendleft(reversed(state.get("pending", [])))
+
     def _init_runtime(self) -> None:
         self._client: Optional[MlflowClient] = None
         self._queue: collections.deque = collections.deque()
@@ -106,6 +124,7 @@ class MlflowTrialTracker(Callback):
         self._deadline = math.inf
         self.failures = 0  # calls that had to be retried
         self.last_error = ""
+        _ACTIVE.add(self)
 
     def __getstate__(self) -> dict:  # Tune snapshots its callbacks: the queue's content, not its thread
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

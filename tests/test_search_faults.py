@@ -153,3 +153,72 @@ def test_a_tracking_server_outage_delays_logging_but_loses_nothing(tmp_path):
     finally:
         stop(server)
     assert not (tmp_path / "results" / "outage" / "mlflow-unsent.json").exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs whose chain of parents leads to pid: only processes this test started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def tracked_children(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return client, []
+    return client, client.search_runs([found.experiment_id], filter_string="tags.`rekd.role` = 'trial'")
+
+
+def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_path):
+    import signal
+    import subprocess
+    import time
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    search = subprocess.Popen(
+        [sys.executable, "-m", "rekd.search", "default_kd", "--dataset", "ndigits", "--num-samples", "2",
+         "--max-concurrency", "1", "--epochs", "4", "--tracking-uri", uri, "--storage-path", str(tmp_path / "r"),
+         "--name", "killed-trial"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and search.poll() is None:
+            client, children = tracked_children(uri, "rekd-default_kd")
+            if children and client.get_metric_history(children[0].info.run_id, "val_acc"):
+                workers = [p for p in descendants(search.pid) if "ImplicitFunc" in cmdline(p)]
+                if workers:
+                    time.sleep(1.0)  # into the next epoch
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = workers[0]
+            time.sleep(0.3)
+        output, _ = search.communicate(timeout=600)
+    finally:
+        if search.poll() is None:
+            search.kill()
+    assert killed is not None, "no trial process was found to kill"
+    assert search.returncode == 0, output[-3000:]
+    client, children = tracked_children(uri, "rekd-default_kd")
+    assert len(children) == 2  # the retried trial kept its run: no duplicate
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1))  # continuous: resumed, not restarted from epoch 1
+        assert child.data.tags["rekd.outcome"] in ("completed", "stopped_early")

@@ -1,0 +1,41 @@
+"""ASHA whose rungs survive a driver restart.
+
+Ray restores a Tune experiment's trials and searcher but rebuilds the scheduler from the pickle taken
+when the search began (ray issue 30838): after a resume ASHA's rungs are empty, and trials that the
+uninterrupted search would stop are let through. Here every trial that comes back on restore replays
+its recorded results (its result.json) into its bracket, so the rungs hold what they held before the
+driver died and later decisions follow the same rule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ray.tune.schedulers import ASHAScheduler
+
+
+class ResumableASHA(ASHAScheduler):
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for iteration, value in recorded_results(trial, self._time_attr, self._metric):
+            bracket.on_result(trial, iteration, self._metric_op * value)
+
+
+def recorded_results(trial, time_attr: str, metric: str) -> Iterator[tuple[int, float]]:
+    """(iteration, metric) of every result the trial reported before, from its result.json (if any)."""
+    try:
+        folder = trial.path
+    except RuntimeError:  # a new trial has no folder yet (ray raises rather than returning None)
+        return
+    path = Path(folder or "") / "result.json"
+    if not folder or not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the driver died
+            continue
+        if time_attr in result and isinstance(result.get(metric), (int, float)):
+            yield int(result[time_attr]), float(result[metric])
