@@ -69,6 +69,16 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        # Trials asked after the searcher's last snapshot died with the old driver: Tune never heard of
+        # them. Close them in Optuna so no trial stays RUNNING forever.
+        known = {t.number for t in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if trial.number not in known:
+                self._ot_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
 def make_searcher(study: Study, storage_url: str, study_name: str, stock: bool = False) -> OptunaSearch:
     """The study's sampler over its params, persisted in an Optuna RDB storage (for plots and resume)."""
     space = {p.name: distribution(p) for p in study.params}

@@ -222,3 +222,56 @@ def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
         assert steps == list(range(1, len(steps) + 1))  # continuous: resumed, not restarted from epoch 1
         assert child.data.tags["rekd.outcome"] in ("completed", "stopped_early")
+
+
+def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tmp_path):
+    import signal
+    import subprocess
+    import time
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "r")]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rekd.search", "default_kd", "--smoke-test", "--num-samples", "6", "--epochs", "3",
+         "--name", "resumed", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    before = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            client, children = tracked_children(uri, "rekd-default_kd")
+            done = [c for c in children if "rekd.outcome" in c.data.tags]
+            if len(done) >= 2:
+                ours = descendants(first.pid)
+                os.kill(first.pid, signal.SIGKILL)  # the driver dies mid-search
+                for pid in ours:  # and the private Ray it had started with it
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                before = {c.info.run_id: len(client.get_metric_history(c.info.run_id, "val_acc")) for c in done}
+                break
+            time.sleep(0.3)
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert before, "the search ended before it could be interrupted"
+    resumed = subprocess.run([sys.executable, "-m", "rekd.search", "default_kd", "--resume", "resumed", *common],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, children = tracked_children(uri, "rekd-default_kd")
+    experiment = client.get_experiment_by_name("rekd-default_kd")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")
+    assert len(parents) == 1 and parents[0].data.tags.get("rekd.resumed") == "true"  # the parent run is reused
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 6  # num_samples trials in all, none duplicated
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1))
+        assert child.data.tags["rekd.outcome"] in ("completed", "stopped_early")
+        if child.info.run_id in before:  # finished before the kill: not run again
+            assert len(steps) == before[child.info.run_id]
+    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'r' / 'resumed' / 'optuna.db'}")
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert len([t for t in study.trials if t.state in finished]) == 6
+    # a trial asked just before the driver died, unknown to the restored searcher, is closed as failed
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
