@@ -79,6 +79,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         teacher_weights = ensure_teacher(cfg, data, on_epoch=lambda m: print_epoch("[teacher] ", m, cfg.teacher_epochs),
                                          progress=progress)
     run_dir = Path(args.resume or args.out or default_run_dir(cfg))
+    if not args.resume and (run_dir / "last.pt").exists():
+        raise UsageError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -104,3 +104,91 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     runs = client.search_runs([experiment.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{finals[0].info.run_id}'")
     assert len(runs) == 2 * 3  # (baseline + 2 configs) x 2 seeds
+
+
+def listening_sockets(pids: set[int]) -> list[str]:
+    """Local addresses of TCP sockets in LISTEN state owned by the given processes."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    addresses = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A = LISTEN
+                addresses.append(local.split(":")[0])
+    return addresses
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::ffff:127.0.0.1, ::1
+
+
+def test_the_service_listens_on_loopback_only_and_keeps_token_auth(service):
+    state = service["state"]
+    pids = descendants(state["ray_pid"]) | descendants(state["mlflow_pid"])
+    addresses = listening_sockets(pids)
+    assert addresses, "found none of the service's listening sockets"
+    assert set(addresses) <= LOOPBACK, addresses
+    without_token = {k: v for k, v in service["env"].items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([str(BIN / "ray"), "job", "list"], capture_output=True, text=True, env=without_token,
+                          timeout=60)
+    assert proc.returncode != 0  # the job API refuses a client without the token
+    with_token = subprocess.run([str(BIN / "ray"), "job", "list"], capture_output=True, text=True,
+                                env=service["env"], timeout=60)
+    assert with_token.returncode == 0, with_token.stderr
+
+
+def test_the_tracking_server_refuses_a_foreign_host_header(service):
+    import urllib.error
+    import urllib.request
+    url = service["env"]["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    with urllib.request.urlopen(urllib.request.Request(url), timeout=10) as ok:
+        assert ok.status == 200
+    rebound = urllib.request.Request(url, headers={"Host": "attacker.example:5000"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # DNS rebinding: a page on attacker.example
+        urllib.request.urlopen(rebound, timeout=10)
+    assert refused.value.code in (400, 403)
+
+
+def test_two_searches_at_once_keep_their_runs_apart(service, tmp_path):
+    env = service["env"]
+    jobs = [subprocess.Popen([str(BIN / "ray"), "job", "submit", "--", "python", "-m", "rekd.search", "baseline",
+                              "--smoke-test", "--num-samples", "3", "--storage-path", str(tmp_path / name),
+                              "--name", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=ROOT, env=env) for name in ("twin-a", "twin-b")]
+    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), outputs[0][-2000:] + outputs[1][-2000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("rekd-baseline")
+    for name in ("twin-a", "twin-b"):
+        parents = client.search_runs([experiment.experiment_id],
+                                     filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'search'")
+        assert len(parents) == 1
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        assert len(children) == 3 and {c.data.tags["rekd.search"] for c in children} == {name}
