@@ -128,13 +128,13 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
 
 
 def check_writable(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".rekd-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--storage-path {path} cannot be written ({e.strerror or e}); choose a writable folder") from None
+    """The folder can be created and written, judged without creating anything yet."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if existing == path and not path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--storage-path {path} cannot be written ({existing} is not a writable folder); "
+                         "choose a writable folder")
 
 
 def start_ray(resources: dict) -> None:
@@ -178,6 +178,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
     from rekd.tracking import client_for, ensure_experiment
 
+    if plan.tracking_uri.startswith("sqlite:///"):  # the embedded store lives in a folder that must exist
+        Path(plan.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = client_for(plan.tracking_uri)
     experiment_id = ensure_experiment(client, plan.experiment)
     from rekd.driver import run_search
