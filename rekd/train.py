@@ -105,6 +105,19 @@ def make_teacher(cfg: TrainConfig, data: DataSplits, weights: Optional[dict]) ->
     return PrunedTeacher(cfg, weights, data.in_channels, data.num_classes, data.resolution)
 
 
+def train_step(model: SpikingNet, teacher: Optional[PrunedTeacher], objective, optimization: Optimization,
+               inputs: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """One optimizer step; returns (loss, ce, kd, correct) summed over the batch, still on the device."""
+    with optimization.autocast():
+        logits = model(inputs)  # (N, classes)
+        teacher_logits = teacher(inputs) if teacher is not None else None
+    loss, parts = objective(logits.float(), y, teacher_logits, cfg)
+    optimization.step(loss)
+    n = len(y)
+    # Sums stay on the device: one host sync per epoch, not per step.
+    return torch.stack([loss.detach() * n, parts["ce"] * n, parts["kd"] * n, (logits.argmax(-1) == y).sum().float()])
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -143,16 +156,8 @@ def train(
             steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for x, y in steps:
             inputs = data.to_input(x, cfg.timesteps, generator)  # (T, N, C, H, W)
-            with optimization.autocast():
-                logits = model(inputs)  # (N, classes)
-                teacher_logits = teacher(inputs) if teacher is not None else None
-            loss, parts = objective(logits.float(), y, teacher_logits, cfg)
-            optimization.step(loss)
-            n = len(y)
-            # Sums stay on the device: one host sync per epoch, not per step.
-            sums += torch.stack([loss.detach() * n, parts["ce"] * n, parts["kd"] * n,
-                                 (logits.argmax(-1) == y).sum().float()])
-            seen += n
+            sums += train_step(model, teacher, objective, optimization, inputs, y, cfg)
+            seen += len(y)
         train_time = time.perf_counter() - started
         loss_sum, ce_sum, kd_sum, correct = sums.tolist()
 

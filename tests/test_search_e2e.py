@@ -3,13 +3,13 @@ with `ray job submit`, read back through MLflow's client and Optuna's storage, t
 rekd.final on the result. The services are stopped by PID at the end."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 import pytest
+from processes import descendants, free_port
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -17,11 +17,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -127,30 +122,13 @@ def listening_sockets(pids: set[int]) -> list[str]:
     return addresses
 
 
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = {pid}, [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
 
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::ffff:127.0.0.1, ::1
 
 
 def test_the_service_listens_on_loopback_only_and_keeps_token_auth(service):
     state = service["state"]
-    pids = descendants(state["ray_pid"]) | descendants(state["mlflow_pid"])
+    pids = {state["ray_pid"], state["mlflow_pid"]} | descendants(state["ray_pid"]) | descendants(state["mlflow_pid"])
     addresses = listening_sockets(pids)
     assert addresses, "found none of the service's listening sockets"
     assert set(addresses) <= LOOPBACK, addresses

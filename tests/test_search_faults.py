@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from processes import cmdline, descendants, free_port
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -73,12 +74,6 @@ def test_cuda_out_of_memory_stops_the_trial_with_that_reason(tmp_path):
     with pytest.raises(torch.OutOfMemoryError):
         train(cfg)
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_mlflow(port: int, store: Path, log: Path):
@@ -155,30 +150,6 @@ def test_a_tracking_server_outage_delays_logging_but_loses_nothing(tmp_path):
     assert not (tmp_path / "results" / "outage" / "mlflow-unsent.json").exists()
 
 
-def descendants(pid: int) -> set[int]:
-    """PIDs whose chain of parents leads to pid: only processes this test started."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def tracked_children(uri: str, experiment: str):

@@ -1,0 +1,251 @@
+"""`python -m rekd.bench`: the cost of every layer of rekd, measured side by side as ratios.
+
+Absolute times on shared machines are noise; ratios of two things measured in the same run are not.
+Each row has a target; the table says whether it holds. `--quick` runs a reduced set in a few minutes,
+`--json FILE` writes the rows. Search efficiency (row group 5) is measured on a synthetic multi-fidelity
+benchmark in rekd.bench_search.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from rekd.cli import Parser, run
+from rekd.config import TrainConfig
+from rekd.models import ARCHS, SpikingNet, build_model
+
+PROG = "python -m rekd.bench"
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    target: Optional[float]  # upper bound unless `higher_is_better`
+    detail: str = ""
+    higher_is_better: bool = False
+
+    @property
+    def meets_target(self) -> Optional[bool]:
+        if self.target is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "value": self.value, "unit": self.unit, "target": self.target,
+                "meets_target": self.meets_target, "detail": self.detail}
+
+
+def median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+SHAPES = {"tiny": (1, 8, 10, 4, 32), "resnet18": (3, 32, 100, 4, 32)}  # channels, size, classes, T, batch
+
+
+def snn_vs_ann(arch: str, quick: bool) -> Row:
+    """One SNN training step at T timesteps / (T x the same network as an ANN: ReLU for IF, T=1)."""
+    channels, size, classes, timesteps, batch = SHAPES[arch]
+    if quick and arch == "resnet18":
+        batch = 8
+    torch.manual_seed(0)
+    cfg = TrainConfig(arch=arch).resolved(timesteps)
+    snn = build_model(cfg, channels, classes, size)
+    ann = SpikingNet(ARCHS[arch](channels, classes, size, lambda: nn.ReLU()))
+    x = torch.rand(timesteps, batch, channels, size, size)
+    y = torch.randint(0, classes, (batch,))
+    repeats = 3 if quick else 10
+    t_snn = median_time(step_fn(snn, x, y), 1, repeats)
+    t_ann = median_time(step_fn(ann, x[:1], y), 1, repeats)
+    return Row(f"snn_step / (T x ann_step) [{arch}, T={timesteps}, batch {batch}, cpu]", t_snn / (timesteps * t_ann),
+               "ratio", 1.25, f"snn {t_snn * 1e3:.1f} ms, ann {t_ann * 1e3:.1f} ms")
+
+
+def distillation_overhead(quick: bool) -> list[Row]:
+    """sparse_kd and default_kd training steps against a baseline step, through rekd.train.train_step."""
+    from rekd.datasets import load_dataset
+    from rekd.optim import Optimization
+    from rekd.teachers import PrunedTeacher
+    from rekd.train import OBJECTIVES, resolve, train_step
+
+    base = resolve(TrainConfig(batch_size=32))
+    data = load_dataset(base)
+    x, y = data.train.x[:32], data.train.y[:32]
+    inputs = data.to_input(x, base.timesteps)
+    times = {}
+    for mode in ("baseline", "sparse_kd", "default_kd"):
+        cfg = dataclasses.replace(base, mode=mode, prune_ratio=0.5)
+        torch.manual_seed(0)
+        model = build_model(cfg, data.in_channels, data.num_classes, data.resolution)
+        teacher = (PrunedTeacher(cfg, model.state_dict(), data.in_channels, data.num_classes, data.resolution)
+                   if mode == "sparse_kd" else None)
+        optimization = Optimization(cfg, model, 1000, torch.device("cpu"))
+        objective = OBJECTIVES[mode]
+        times[mode] = median_time(lambda: train_step(model, teacher, objective, optimization, inputs, y, cfg),
+                                  3, 10 if quick else 40)
+    return [
+        Row("sparse_kd_step / baseline_step [tiny, digits]", times["sparse_kd"] / times["baseline"], "ratio", 1.40,
+            f"teacher forward in inference mode; {times['sparse_kd'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
+        Row("default_kd_step / baseline_step [tiny, digits]", times["default_kd"] / times["baseline"], "ratio", 1.03,
+            f"virtual teacher; {times['default_kd'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
+    ]
+
+
+def data_rows(quick: bool) -> list[Row]:
+    """Event frames cached versus made every epoch, and held tensors versus a DataLoader."""
+    from rekd.datasets import DATASETS, batches, load_dataset
+    from rekd.datasets.frames import events_to_frames
+    from rekd.datasets.ndigits import SENSOR_SIZE, event_store, sample_events
+
+    rows = []
+    cfg = TrainConfig(dataset="ndigits").resolved(DATASETS["ndigits"].default_timesteps)
+    start = time.perf_counter()
+    data = load_dataset(cfg)  # cached frames: one file read
+    cached_load = time.perf_counter() - start
+    events, labels = event_store(cfg.cache_dir)
+    n = len(labels) if not quick else 400
+    start = time.perf_counter()
+    events_to_frames((sample_events(events, i) for i in range(n)), n, SENSOR_SIZE, cfg.timesteps, 1, "bench")
+    framing = (time.perf_counter() - start) * len(labels) / n
+    frames_bytes = sum(s.x.element_size() * s.x.nelement() for s in (data.train, data.val, data.test))
+    epoch = epoch_time(cfg, data)
+    rows.append(Row("ndigits epoch, frames made every epoch / cached", (epoch + framing) / (epoch + cached_load),
+                    "ratio", None, f"framing {framing:.2f} s per pass over {len(labels)} samples, epoch {epoch:.2f} s; "
+                    f"the cache costs {frames_bytes / 2**20:.1f} MiB"))
+
+    from torch.utils.data import DataLoader, TensorDataset
+    digits = load_dataset(TrainConfig().resolved(4))
+    generator = torch.Generator().manual_seed(0)
+    held = median_time(lambda: [None for _ in batches(digits.train, 32, generator, drop_last=True)], 1, 5)
+    loader = DataLoader(TensorDataset(digits.train.x, digits.train.y), batch_size=32, shuffle=True, drop_last=True)
+    loaded = median_time(lambda: [None for _ in loader], 1, 5)
+    rows.append(Row("digits batches: DataLoader / tensors held in memory", loaded / held, "ratio", None,
+                    f"{held * 1e3:.1f} vs {loaded * 1e3:.1f} ms per epoch of batches"))
+    return rows
+
+
+def epoch_time(cfg: TrainConfig, data) -> float:
+    from rekd.train import train
+    result = train(dataclasses.replace(cfg, epochs=1), data=data)
+    return result.final["epoch_time_s"]
+
+
+def harness_overhead(quick: bool) -> Row:
+    """Wall time of a search of N trials / (the same trials run bare in one process / concurrency)."""
+    from rekd.datasets import load_dataset
+    from rekd.driver import run_search
+    from rekd.search import build_parser, plan_from_args
+    from rekd.tracking import client_for, ensure_experiment
+    from rekd.train import resolve, train
+
+    trials, epochs = (4, 8) if quick else (6, 24)
+    storage = tempfile.mkdtemp(prefix="rekd-bench-")
+    args = build_parser().parse_args(["baseline", "--num-samples", str(trials), "--epochs", str(epochs),
+                                      "--max-concurrency", "2", "--storage-path", storage, "--name", "bench"])
+    plan = plan_from_args(args, [])
+    plan = dataclasses.replace(plan, study=plan.study.with_overrides(grace_period=epochs))  # ASHA stops nothing
+    data = load_dataset(plan.base)
+    client = client_for(plan.tracking_uri)
+    experiment_id = ensure_experiment(client, plan.experiment)
+    start = time.perf_counter()
+    with open(os.devnull, "w") as quiet:
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            run_search(plan, data, client, experiment_id)
+        finally:
+            sys.stdout = stdout
+    search_wall = time.perf_counter() - start
+    import ray
+    ray.shutdown()
+    import optuna
+    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{storage}/bench/optuna.db")
+    torch.set_num_threads(1)  # as each Ray trial runs (one CPU per trial)
+    start = time.perf_counter()
+    for trial in study.trials:
+        train(resolve(plan.base.with_overrides(**trial.params)), data=data)
+    bare = time.perf_counter() - start
+    torch.set_num_threads(os.cpu_count() or 1)
+    per_trial = bare / len(study.trials)
+    return Row(f"search wall / (bare trials / concurrency) [{trials} trials of ~{per_trial:.1f} s, 2 at once]",
+               search_wall / (bare / 2), "ratio", 1.15, f"search {search_wall:.1f} s (Ray start, teacher-free, MLflow, "
+               f"plots included), bare {bare:.1f} s")
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r.name) for r in rows)
+    print(f"{'measurement':<{width}}  {'value':>8}  {'target':>8}  ok   detail")
+    for r in rows:
+        target = "" if r.target is None else (">= " if r.higher_is_better else "<= ") + f"{r.target:g}"
+        ok = {True: "yes", False: "NO", None: "-"}[r.meets_target]
+        print(f"{r.name:<{width}}  {r.value:>8.3f}  {target:>8}  {ok:<4} {r.detail}")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Measure rekd's costs as ratios and compare them with their targets.")
+    p.add_argument("--quick", action="store_true", help="a reduced set in a few minutes")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--only", choices=("snn", "kd", "data", "harness", "search"), action="append",
+                   help="run only these groups (repeatable)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, PROG, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from rekd.bench_search import search_efficiency
+
+    args = build_parser().parse_args(argv)
+    groups = args.only or ["snn", "kd", "data", "harness", "search"]
+    rows: list[Row] = []
+    if "snn" in groups:
+        rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
+    if "kd" in groups:
+        rows += distillation_overhead(args.quick)
+    if "data" in groups:
+        rows += data_rows(args.quick)
+    if "harness" in groups:
+        rows.append(harness_overhead(args.quick))
+    if "search" in groups:
+        rows += search_efficiency(args.quick)
+    if not torch.cuda.is_available():
+        print("no GPU here: the GPU measurements (bf16, torch.compile, channels_last, IF implementations, "
+              "trials sharing a GPU) were not run", file=sys.stderr)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
