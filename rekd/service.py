@@ -42,6 +42,7 @@ def build_parser() -> Parser:
     p.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (default 6379)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and job API port (default 8265)")
     p.add_argument("--client-port", type=int, default=23001, help="Ray client server port (default 23001)")
+    p.add_argument("--agent-port", type=int, default=52365, help="Ray dashboard agent HTTP port (default 52365)")
     p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port (default 5000)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
     p.add_argument("--timeout", type=float, default=90, help="seconds to wait for each service to answer")
@@ -76,6 +77,13 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def accepts_jobs(bin_dir: Path, env: dict) -> bool:
+    probe = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--submission-id",
+                            f"rekd-service-ready-{int(time.time() * 1000)}", "--", "true"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    return probe.returncode == 0
+
+
 def alive(pid: Optional[int]) -> bool:
     if not pid:
         return False
@@ -108,7 +116,8 @@ def start(args, state_dir: Path) -> int:
     if state and (alive(state.get("ray_pid")) or alive(state.get("mlflow_pid"))):
         raise UsageError(f"the service in {state_dir} is already running (stop it first)")
     for flag, port in (("--ray-port", args.ray_port), ("--dashboard-port", args.dashboard_port),
-                       ("--client-port", args.client_port), ("--mlflow-port", args.mlflow_port)):
+                       ("--client-port", args.client_port), ("--agent-port", args.agent_port),
+                       ("--mlflow-port", args.mlflow_port)):
         if not port_free(port):
             raise UsageError(f"{flag} {port} is in use on {HOST}; choose another port")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +136,8 @@ def start(args, state_dir: Path) -> int:
     ray_temp = tempfile.mkdtemp(prefix="rekd-ray-")
     ray_cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
                f"--port={args.ray_port}", f"--dashboard-host={HOST}", f"--dashboard-port={args.dashboard_port}",
-               f"--ray-client-server-port={args.client_port}", f"--temp-dir={ray_temp}", "--disable-usage-stats"]
+               f"--ray-client-server-port={args.client_port}", f"--dashboard-agent-listen-port={args.agent_port}",
+               f"--temp-dir={ray_temp}", "--disable-usage-stats"]
     if args.num_cpus:
         ray_cmd.append(f"--num-cpus={args.num_cpus}")
     mlflow_cmd = [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(args.mlflow_port),
@@ -147,6 +157,10 @@ def start(args, state_dir: Path) -> int:
     (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
     try:
         wait_for(lambda: "Ray runtime started" in ray_log.read_text(errors="replace"), "ray", ray_log,
+                 args.timeout, ray_proc)
+        # Jobs are refused ("No available agent") until the head's dashboard agent has registered: the
+        # service is ready when a no-op job goes through.
+        wait_for(lambda: accepts_jobs(bin_dir, {**env, **client_env(state)}), "ray job API", ray_log,
                  args.timeout, ray_proc)
         wait_for(lambda: http_ok(f"http://{HOST}:{args.mlflow_port}/health"), "mlflow server", mlflow_log,
                  args.timeout, mlflow_proc)

@@ -22,10 +22,10 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("service")
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
     start = [sys.executable, "-m", "rekd.service", "start", "--state-dir", str(state_dir), "--num-cpus", "2",
              "--ray-port", str(ports[0]), "--dashboard-port", str(ports[1]), "--client-port", str(ports[2]),
-             "--mlflow-port", str(ports[3])]
+             "--mlflow-port", str(ports[3]), "--agent-port", str(ports[4])]
     proc = subprocess.run(start, capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     state = json.loads((state_dir / "service.json").read_text())
