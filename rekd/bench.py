@@ -95,26 +95,39 @@ def distillation_overhead(quick: bool) -> list[Row]:
     from rekd.datasets import load_dataset
     from rekd.optim import Optimization
     from rekd.teachers import PrunedTeacher
-    from rekd.train import OBJECTIVES, resolve, train_step
+    from rekd.train import OBJECTIVES, resolve, teacher_outputs, train_step
 
     base = resolve(TrainConfig(batch_size=32))
     data = load_dataset(base)
     x, y = data.train.x[:32], data.train.y[:32]
     inputs = data.to_input(x, base.timesteps)
     times = {}
-    for mode in ("baseline", "sparse_kd", "default_kd"):
-        cfg = dataclasses.replace(base, mode=mode, prune_ratio=0.5)
+    for mode in ("baseline", "sparse_kd", "sparse_kd per step", "default_kd"):
+        cfg = dataclasses.replace(base, mode=mode.split()[0], prune_ratio=0.5)
         torch.manual_seed(0)
         model = build_model(cfg, data.in_channels, data.num_classes, data.resolution)
         teacher = (PrunedTeacher(cfg, model.state_dict(), data.in_channels, data.num_classes, data.resolution)
-                   if mode == "sparse_kd" else None)
+                   if cfg.mode == "sparse_kd" else None)
         optimization = Optimization(cfg, model, 1000, torch.device("cpu"))
-        objective = OBJECTIVES[mode]
-        times[mode] = median_time(lambda: train_step(model, teacher, objective, optimization, inputs, y, cfg),
-                                  3, 10 if quick else 40)
+        objective = OBJECTIVES[cfg.mode]
+        given = None
+        if mode == "sparse_kd":  # what train() does for data without augmentation: logits computed once
+            start = time.perf_counter()
+            cached = teacher_outputs(teacher, data, data.train, cfg, optimization)
+            times["precompute"] = time.perf_counter() - start
+            given = cached[torch.arange(32)]
+        times[mode] = median_time(
+            lambda: train_step(model, teacher, objective, optimization, inputs, y, cfg, teacher_logits=given),
+            3, 25 if quick else 60)
+    steps_per_epoch = len(data.train) // 32
+    amortised = times["sparse_kd"] + times["precompute"] / (base.epochs * steps_per_epoch)
     return [
-        Row("sparse_kd_step / baseline_step [tiny, digits]", times["sparse_kd"] / times["baseline"], "ratio", 1.40,
-            f"teacher forward in inference mode; {times['sparse_kd'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
+        Row("sparse_kd_step / baseline_step [tiny, digits: teacher logits precomputed]", amortised / times["baseline"],
+            "ratio", 1.40, f"one teacher pass over the training split ({times['precompute'] * 1e3:.0f} ms) amortised "
+            f"over {base.epochs} epochs; {amortised * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
+        Row("sparse_kd_step / baseline_step [tiny, teacher forward every step, as with augmentation]",
+            times["sparse_kd per step"] / times["baseline"], "ratio", 1.40,
+            f"teacher in inference mode; {times['sparse_kd per step'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
         Row("default_kd_step / baseline_step [tiny, digits]", times["default_kd"] / times["baseline"], "ratio", 1.03,
             f"virtual teacher; {times['default_kd'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
     ]

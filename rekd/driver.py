@@ -112,7 +112,8 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
             trainable,
             param_space=fixed,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_samples,
-                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+                                        reuse_actors=True),  # no new worker process per trial
             run_config=tune.RunConfig(
                 name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -76,6 +76,17 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@torch.inference_mode()
+def teacher_outputs(teacher: PrunedTeacher, data: DataSplits, split: Split, cfg: TrainConfig,
+                    optimization: Optimization) -> torch.Tensor:
+    """The frozen teacher's logits for every sample of a split, in sample order: (N, classes)."""
+    outputs = []
+    with optimization.autocast():
+        for x, _ in batches(split, 2 * cfg.batch_size):
+            outputs.append(teacher(data.to_input(x, cfg.timesteps)).float())
+    return torch.cat(outputs)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: DataSplits, split: Split, cfg: TrainConfig,
              stats: bool = False) -> tuple[float, dict]:
@@ -106,11 +117,16 @@ def make_teacher(cfg: TrainConfig, data: DataSplits, weights: Optional[dict]) ->
 
 
 def train_step(model: SpikingNet, teacher: Optional[PrunedTeacher], objective, optimization: Optimization,
-               inputs: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """One optimizer step; returns (loss, ce, kd, correct) summed over the batch, still on the device."""
+               inputs: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+               teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One optimizer step; returns (loss, ce, kd, correct) summed over the batch, still on the device.
+
+    The teacher's logits are computed here unless they are given (precomputed for data without augmentation).
+    """
     with optimization.autocast():
         logits = model(inputs)  # (N, classes)
-        teacher_logits = teacher(inputs) if teacher is not None else None
+        if teacher_logits is None and teacher is not None:
+            teacher_logits = teacher(inputs)
     loss, parts = objective(logits.float(), y, teacher_logits, cfg)
     optimization.step(loss)
     n = len(y)
@@ -144,19 +160,24 @@ def train(
     optimization = Optimization(cfg, model, cfg.epochs * steps_per_epoch, device)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
     history, start_epoch = resume(run_dir, cfg, model, optimization, generator)
+    # Without augmentation the frozen teacher sees the same input for a sample in every epoch: its logits
+    # are computed once, and a distillation step costs a gather instead of a teacher forward pass.
+    cached_logits = (teacher_outputs(teacher, data, data.train, cfg, optimization)
+                     if teacher is not None and data.augment is None else None)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         started = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, ce, kd, correct (summed over samples)
         seen = 0
-        steps = batches(data.train, cfg.batch_size, generator, drop_last=True)
+        steps = batches(data.train, cfg.batch_size, generator, drop_last=True, with_index=True)
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for x, y in steps:
+        for x, y, idx in steps:
             inputs = data.to_input(x, cfg.timesteps, generator)  # (T, N, C, H, W)
-            sums += train_step(model, teacher, objective, optimization, inputs, y, cfg)
+            given = cached_logits[idx] if cached_logits is not None else None
+            sums += train_step(model, teacher, objective, optimization, inputs, y, cfg, teacher_logits=given)
             seen += len(y)
         train_time = time.perf_counter() - started
         loss_sum, ce_sum, kd_sum, correct = sums.tolist()

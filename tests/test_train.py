@@ -121,3 +121,21 @@ def test_dvsgesture_trains_from_tonics_layout(cache_dir, dvs_root):
     assert result.final["train_loss"] < 2.5 and 0 <= result.final["test_acc"] <= 1
     assert train(TrainConfig(cache_dir=cache_dir, dataset="dvsgesture", data_root=str(dvs_root), epochs=1,
                              downsample=8)).config.timesteps == 16  # the paper's T for DVS-Gesture
+
+
+def test_precomputed_teacher_logits_are_what_the_teacher_says_per_batch(cache_dir):
+    from rekd.datasets import load_dataset
+    from rekd.optim import Optimization
+    from rekd.teachers import PrunedTeacher
+    from rekd.train import resolve, teacher_outputs
+
+    cfg = resolve(TrainConfig(cache_dir=cache_dir, mode="sparse_kd", prune_ratio=0.3))
+    data = load_dataset(cfg)
+    torch.manual_seed(0)
+    from rekd.models import build_model
+    weights = build_model(cfg, 1, 10, 8).state_dict()
+    teacher = PrunedTeacher(cfg, weights, 1, 10, 8)
+    all_logits = teacher_outputs(teacher, data, data.train, cfg, Optimization(cfg, teacher, 1, torch.device("cpu")))
+    assert all_logits.shape == (len(data.train), 10)
+    idx = torch.tensor([5, 0, 77, 300])
+    torch.testing.assert_close(all_logits[idx], teacher(data.to_input(data.train.x[idx], cfg.timesteps)))

@@ -62,9 +62,10 @@ class DataSplits:
 
 
 def batches(
-    split: Split, batch_size: int, generator: Optional[torch.Generator] = None, drop_last: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches of a split; shuffled when a generator is given."""
+    split: Split, batch_size: int, generator: Optional[torch.Generator] = None, drop_last: bool = False,
+    with_index: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(x, y) batches of a split, or (x, y, sample indices); shuffled when a generator is given."""
     n = len(split)
     if generator is not None:
         order = torch.randperm(n, generator=generator).to(split.y.device)
@@ -74,7 +75,7 @@ def batches(
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
-        yield split.x[idx], split.y[idx]
+        yield (split.x[idx], split.y[idx], idx) if with_index else (split.x[idx], split.y[idx])
 
 
 def carve_validation(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -1,0 +1,37 @@
+"""The benchmark's pieces that are not timings: the synthetic objective and the search simulation."""
+import math
+
+from rekd.bench import Row, main
+from rekd.bench_search import MAX_T, OPTIMUM, STRATEGIES, accuracy, budget_to_reach, final_accuracy, one_search, regret_at
+
+
+def test_the_synthetic_objective_has_its_known_optimum_and_rising_curves():
+    best = {"prune_ratio": 0.3, "temperature": 4.0, "alpha": 0.7}
+    assert math.isclose(final_accuracy(best), OPTIMUM)
+    assert final_accuracy({"prune_ratio": 0.9, "temperature": 1.0, "alpha": 0.0}) < OPTIMUM
+    curve = [accuracy(best, t) for t in range(1, MAX_T + 1)]
+    assert curve == sorted(curve) and curve[-1] < OPTIMUM
+
+
+def test_every_strategy_spends_its_budget_and_regret_never_rises():
+    for name, (make, early) in STRATEGIES.items():
+        curve = one_search(make, early, seed=0, trials=12)
+        spent = [s for s, _ in curve]
+        regrets = [r for _, r in curve]
+        assert spent == sorted(spent) and spent[-1] <= 12 * MAX_T
+        assert all(b <= a for a, b in zip(regrets, regrets[1:])), name
+        if not early:
+            assert spent[-1] == 12 * MAX_T
+    assert regret_at([(10, 0.5), (20, 0.1)], 15) == 0.5 and budget_to_reach([(10, 0.5), (20, 0.001)], 0.01) == 20
+
+
+def test_rows_compare_with_their_targets(tmp_path, capsys):
+    assert Row("a", 1.1, "ratio", 1.25).meets_target is True
+    assert Row("a", 1.3, "ratio", 1.25).meets_target is False
+    assert Row("a", 1.3, "ratio", None).meets_target is None
+    out = tmp_path / "rows.json"
+    assert main(["--only", "search", "--quick", "--json", str(out)]) == 0
+    import json
+    rows = json.loads(out.read_text())
+    assert {"name", "value", "unit", "target", "meets_target"} <= set(rows[0])
+    assert "regret with the PRUNED fix" in capsys.readouterr().out
