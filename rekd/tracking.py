@@ -229,6 +229,8 @@ class MlflowTrialTracker(Callback):
         kind, trial_id = op[0], op[1]
         if kind == "start":
             if trial_id not in self.runs:  # a trial restarted from its checkpoint keeps its run
+                self.runs.update(self._existing_run(trial_id))
+            if trial_id not in self.runs:
                 run = self._client.create_run(
                     self.experiment_id, run_name=f"trial-{trial_id}",
                     tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", SEARCH_TAG: self.search_name,
@@ -245,6 +247,14 @@ class MlflowTrialTracker(Callback):
             self._client.log_artifact(run_id, op[2], artifact_path=op[3])
         elif kind == "end":
             self._client.set_terminated(run_id, op[2])
+
+
+    def _existing_run(self, trial_id: str) -> dict[str, str]:
+        """The trial's run if MLflow has one already: a resumed driver may not have recorded it."""
+        found = self._client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`rekd.trial_id` = '{trial_id}'")
+        return {trial_id: found[0].info.run_id} if found else {}
 
 
 def describe_unsent(ops: list) -> str:
