@@ -16,7 +16,7 @@ from rekd.provenance import provenance
 from rekd.scheduler import ResumableASHA
 from rekd.search import PROG as PROG_NAME, STATE_FILE, SearchPlan, start_ray, teacher_weights_for
 from rekd.search_report import summarize
-from rekd.tracking import ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent, first_line
+from rekd.tracking import OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent, first_line
 
 
 UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
@@ -132,6 +132,8 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
         restored = [t for t in MlflowTrialTracker.active() if t is not tracker and t.parent_run_id == parent_id]
         if restored:
             tracker = restored[-1]
+    if plan.resume:
+        close_lost_runs(client, experiment_id, parent_id, results)
     summary = summarize(plan, results, optuna_url, experiment_dir)
     summary.log_to(tracker)
     tracker.end_parent("FINISHED")
@@ -143,6 +145,18 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
         print(f"{PROG_NAME}: no trial produced a result; see the outcomes above and in MLflow", file=sys.stderr)
         return 1
     return 0
+
+
+def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, results) -> None:
+    """Runs of trials that started after the dead driver's last experiment snapshot: Tune does not know
+    them after a resume (their work is lost and their slot re-run), so they are closed and tagged."""
+    known = {str((r.metrics or {}).get("trial_id")) for r in results}
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  max_results=10000)
+    for run in children:
+        if run.data.tags.get("rekd.trial_id") not in known and run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, OUTCOME_TAG, "lost_with_driver")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def report_unsent(unsent: list, experiment_dir) -> None:

@@ -234,6 +234,9 @@ def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tm
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")
     assert len(parents) == 1 and parents[0].data.tags.get("rekd.resumed") == "true"  # the parent run is reused
     assert parents[0].info.status == "FINISHED"
+    lost = [c for c in children if c.data.tags.get("rekd.outcome") == "lost_with_driver"]
+    assert all(c.info.status == "KILLED" for c in lost)  # started after the dead driver's last snapshot
+    children = [c for c in children if c not in lost]
     assert len(children) == 6  # num_samples trials in all, none duplicated
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
