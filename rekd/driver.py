@@ -67,7 +67,7 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
     from rekd.trainable import run_trial
 
     study = plan.study
-    start_ray({})
+    start_ray()
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"cpu": study.cpus, "gpu": study.gpus if has_gpus else 0}
     print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "

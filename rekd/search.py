@@ -137,7 +137,7 @@ def check_writable(path: Path) -> None:
                          "choose a writable folder")
 
 
-def start_ray(resources: dict) -> None:
+def start_ray() -> None:
     import ray
 
     if ray.is_initialized():
