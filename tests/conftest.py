@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixtures_data import make_cifar100_folder, make_dvsgesture_folder  # noqa: E402
+from rekd.datasets.synthetic import make_cifar100_folder, make_dvsgesture_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

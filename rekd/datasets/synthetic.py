@@ -1,4 +1,7 @@
-"""Small synthetic CIFAR-100 and DVS-Gesture folders, written in the releases' real on-disk formats."""
+"""Small synthetic CIFAR-100 and DVS-Gesture folders in the releases' real on-disk formats.
+
+For the tests and the benchmark: the loaders read them exactly as they read the real releases.
+"""
 import pickle
 from pathlib import Path
 
