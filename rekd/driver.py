@@ -94,11 +94,6 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
             {"argv": list(plan.argv), "parent_run_id": parent_id, "experiment_id": experiment_id,
              "tracking_uri": plan.tracking_uri}, indent=2))
     optuna_url = f"sqlite:///{experiment_dir / 'optuna.db'}"
-    searcher = ConcurrencyLimiter(make_searcher(study, optuna_url, plan.name, stock=plan.stock_optuna),
-                                  max_concurrent=study.max_concurrency)
-    scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
-                              max_t=study.epochs, grace_period=study.grace_period,
-                              reduction_factor=study.reduction_factor)
     tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, study.epochs)
     searched = {p.name for p in study.params}
     fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
@@ -108,6 +103,11 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=fixed)
     else:
+        searcher = ConcurrencyLimiter(make_searcher(study, optuna_url, plan.name, stock=plan.stock_optuna),
+                                      max_concurrent=study.max_concurrency)
+        scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
+                                  max_t=study.epochs, grace_period=study.grace_period,
+                                  reduction_factor=study.reduction_factor)
         tuner = tune.Tuner(
             trainable,
             param_space=fixed,
