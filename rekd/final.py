@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from rekd.cli import Parser, run
 from rekd.config import TrainConfig, read_settings_file
 from rekd.errors import UsageError
 from rekd.provenance import provenance
+from rekd.stats import mean_std, paired
 from rekd.teachers import cpu_weights, store_teacher
 from rekd.tracking import ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics
 from rekd.train import resolve, train
@@ -54,15 +54,6 @@ def load_configs(path: str, epochs: Optional[int]) -> tuple[dict, list[TrainConf
         out.append(resolve(dataclasses.replace(cfg, epochs=epochs or cfg.epochs, teacher_epochs=None,
                                                eval_test=True)))
     return document, out
-
-
-def paired(values: list[float], reference: list[float]) -> tuple[float, float]:
-    diffs = [v - r for v, r in zip(values, reference)]
-    return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

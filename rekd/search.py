@@ -31,6 +31,10 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # A trial that runs out of GPU memory ends with a result that says why and carries no metric.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# MLflow holds the metrics: of Tune's own loggers only the JSON one is kept (rekd.driver adds it), which
+# ASHA's replay on resume and Tune's result tables read. The CSV and TensorBoard writers cost the driver
+# CPU on every result.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def build_parser() -> Parser:
@@ -127,13 +131,13 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
                       args.experiment or f"rekd-{study.name}", args.stock_optuna, tuple(argv))
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, flag: str = "--storage-path") -> None:
     """The folder can be created and written, judged without creating anything yet."""
     existing = path
     while not existing.exists():
         existing = existing.parent
     if existing == path and not path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--storage-path {path} cannot be written ({existing} is not a writable folder); "
+        raise UsageError(f"{flag} {path} cannot be written ({existing} is not a writable folder); "
                          "choose a writable folder")
 
 

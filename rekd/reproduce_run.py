@@ -1,0 +1,244 @@
+"""The runs of `python -m rekd.reproduce` as Ray tasks, tracked in MLflow by the driver, and the files they end in.
+
+Stage 1 trains each seed's baseline; its weights go into Ray's object store, and stage 2's KD tasks of that
+seed take them from there (Ray starts a KD task as soon as its seed's baseline is done). Each seed's data
+go into the object store once and are shared by that seed's runs. Tasks never talk to MLflow: they return
+their per-epoch history, and the driver logs it into one child run per training run under the
+reproduction's parent run (tag rekd.role=reproduce). The parent ends FAILED if anything raises.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from mlflow.entities import Metric, Param, RunTag
+
+from rekd.config import TrainConfig
+from rekd.datasets import DataSplits
+from rekd.errors import UsageError
+from rekd.provenance import provenance
+from rekd.reproduce import ReproducePlan, RunSpec
+from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
+from rekd.search import start_ray
+from rekd.teachers import PrunedTeacher, cpu_weights
+from rekd.tracking import PARENT_TAG, ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics
+from rekd.train import evaluate, select_device, train
+
+CHILD_ROLE = "reproduce_run"
+NAME_TAG = "rekd.reproduce"  # the reproduction's name, on the parent and on every child
+MAX_BATCH = 1000  # MLflow takes at most this many metrics in one log_batch call
+ARTIFACT_DIR = "reproduce"
+
+
+# -- the tasks: plain functions, run by Ray workers ---------------------------------------------------------
+def baseline_task(cfg: TrainConfig, data: DataSplits) -> tuple[dict, dict]:
+    """Stage 1: the baseline student; (its outcome, its CPU weights: the teacher of this seed's KD runs)."""
+    ends: list[int] = []
+    result = train(cfg, data=data, on_epoch=lambda metrics: ends.append(now_ms()))
+    return outcome(result, ends), cpu_weights(result.model)
+
+
+def kd_task(cfg: TrainConfig, data: DataSplits, teacher_weights: Optional[dict]) -> dict:
+    """Stage 2: for sparse_kd the pruned teacher's test accuracy as it is (no fine-tuning), then the student."""
+    teacher = pruned_teacher_scores(cfg, data, teacher_weights) if cfg.mode == "sparse_kd" else {}
+    ends: list[int] = []
+    result = train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=lambda metrics: ends.append(now_ms()))
+    return {**outcome(result, ends), **teacher}
+
+
+def pruned_teacher_scores(cfg: TrainConfig, data: DataSplits, weights: dict) -> dict:
+    # train() scores its teacher on validation only (tuning never sees test); the table needs test.
+    device = select_device(cfg.device)
+    data = data.to(device)
+    teacher = PrunedTeacher(cfg, weights, data.in_channels, data.num_classes, data.resolution).to(device)
+    return {"teacher_test_acc": evaluate(teacher.net, data, data.test, cfg)[0], "teacher_sparsity": teacher.sparsity}
+
+
+def outcome(result, epoch_end_ms: list[int]) -> dict:
+    return {"history": result.history, "epoch_end_ms": epoch_end_ms, "test_acc": result.final["test_acc"],
+            "val_acc": result.final["val_acc"]}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+def execute(plan: ReproducePlan, data: dict[int, DataSplits]) -> int:
+    """Run the plan (data: each seed's splits), write the tables, and track it all in MLflow."""
+    if plan.tracking_uri.startswith("sqlite:///"):  # the embedded store lives in a folder that must exist
+        store = Path(plan.tracking_uri.removeprefix("sqlite:///"))
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--tracking-uri {plan.tracking_uri}: {store.parent} cannot be created "
+                             f"({e.strerror or e})") from None
+    client = client_for(plan.tracking_uri)
+    experiment_id = ensure_experiment(client, plan.experiment)
+    parent_id = open_parent(client, experiment_id, plan)
+    try:
+        records = run_tasks(plan, data, client, experiment_id, parent_id)
+        rows = rows_from(records, plan.seeds, plan.ratios)
+        table, files = write_results(plan, records, rows)
+        client.log_batch(parent_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in summary_metrics(rows).items()])
+        for path in files:
+            client.log_artifact(parent_id, str(path), artifact_path=ARTIFACT_DIR)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    print("\n" + table)
+    print(f"\nsaved {plan.out_dir / plan.name}: {', '.join(p.name for p in files)}")
+    print(f"MLflow: experiment {plan.experiment!r}, parent run {parent_id}; open it with")
+    if plan.tracking_uri.startswith(("http://", "https://")):
+        print(f"  {plan.tracking_uri}")
+    else:
+        print(f"  mlflow ui --host 127.0.0.1 --backend-store-uri {plan.tracking_uri}")
+    return 0
+
+
+def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], client, experiment_id: str,
+              parent_id: str) -> list[dict]:
+    """Submit every run as a Ray task; log each into its child run as it finishes; the per-run records."""
+    import ray
+
+    start_ray()
+    gpus = plan.gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    resources = {"num_cpus": plan.cpus, "num_gpus": gpus}
+    specs = plan.runs()
+    print(f"reproduce {plan.name}: {plan.describe()}", flush=True)
+    for note in plan.notes:
+        print(note, flush=True)
+    print(f"{len(specs)} training runs as Ray tasks, {{cpu: {plan.cpus:g}, gpu: {gpus:g}}} each", flush=True)
+    data_refs = {seed: ray.put(splits) for seed, splits in data.items()}
+    baseline = ray.remote(baseline_task).options(num_returns=2, **resources)
+    kd = ray.remote(kd_task).options(**resources)
+    pending, weights = {}, {}
+    for spec in specs:  # baselines come first in specs, so their weights' refs exist for the KD tasks
+        run_id = open_child(client, experiment_id, parent_id, plan, spec)
+        if spec.kind == "baseline":
+            ref, weights[spec.seed] = baseline.remote(spec.config, data_refs[spec.seed])
+        else:
+            teacher = weights[spec.seed] if spec.config.mode == "sparse_kd" else None
+            ref = kd.remote(spec.config, data_refs[spec.seed], teacher)
+        pending[ref] = (spec, run_id)
+    records = []
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            spec, run_id = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except BaseException:
+                client.set_terminated(run_id, "FAILED")
+                raise
+            records.append(close_child(client, run_id, spec, result))
+            print(f"{plan.table} {progress(spec, result)} ({len(records)}/{len(specs)} done)", flush=True)
+    except BaseException:
+        for ref, (spec, run_id) in pending.items():
+            ray.cancel(ref)
+            client.set_terminated(run_id, "KILLED")
+        raise
+    return records
+
+
+def progress(spec: RunSpec, result: dict) -> str:
+    line = f"{spec.label} test_acc={result['test_acc']:.4f}"
+    if "teacher_test_acc" in result:
+        line += f", teacher test_acc={result['teacher_test_acc']:.4f} (sparsity {result['teacher_sparsity']:.2f})"
+    return line
+
+
+# -- MLflow: the parent run and one child per training run -----------------------------------------------------
+def open_parent(client, experiment_id: str, plan: ReproducePlan) -> str:
+    parent = client.create_run(experiment_id, run_name=plan.name,
+                               tags={ROLE_TAG: "reproduce", NAME_TAG: plan.name, "rekd.table": plan.table})
+    client.log_batch(parent.info.run_id, params=parent_params(plan),
+                     tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+    return parent.info.run_id
+
+
+def parent_params(plan: ReproducePlan) -> list[Param]:
+    """What the table depends on: the protocol, the distillation settings and their sources, the shared config."""
+    varied = ("mode", "seed", "prune_ratio")  # set per run; the children hold each run's value
+    values = {
+        "table": plan.table, "dataset": plan.base.dataset, "arch": plan.base.arch, "epochs": plan.base.epochs,
+        "seeds": ",".join(map(str, plan.seeds)), "prune_ratios": ",".join(f"{r:g}" for r in plan.ratios) or "none",
+        "best_file": plan.best_file or "none", "distillation_mode": plan.base.mode,
+        **plan.kd_settings, **{f"source.{k}": v for k, v in plan.kd_sources.items()},
+        **{f"config.{k}": v for k, v in plan.base.to_dict().items() if k not in varied},
+    }
+    return [Param(k, "none" if v is None else str(v)) for k, v in sorted(values.items())]
+
+
+def open_child(client, experiment_id: str, parent_id: str, plan: ReproducePlan, spec: RunSpec) -> str:
+    tags = {PARENT_TAG: parent_id, ROLE_TAG: CHILD_ROLE, NAME_TAG: plan.name, "rekd.table": plan.table,
+            "rekd.kind": spec.kind, "rekd.seed": str(spec.seed)}
+    if spec.prune_ratio is not None:
+        tags["rekd.prune_ratio"] = f"{spec.prune_ratio:g}"
+    child = client.create_run(experiment_id, run_name=f"{plan.table} {spec.label}", tags=tags)
+    client.log_batch(child.info.run_id, params=flat_params(spec.config.to_dict()))
+    return child.info.run_id
+
+
+def close_child(client, run_id: str, spec: RunSpec, result: dict) -> dict:
+    """Log a finished run's history (step = epoch) and final scores; its record for the table."""
+    metrics = []
+    for epoch_metrics, end_ms in zip(result["history"], result["epoch_end_ms"]):
+        metrics += numeric_metrics(epoch_metrics, epoch_metrics["epoch"], end_ms)
+    metrics.append(Metric("final_test_acc", result["test_acc"], now_ms(), 0))
+    if "teacher_test_acc" in result:  # measured once, before the student trains
+        metrics.append(Metric("teacher_test_acc", result["teacher_test_acc"], now_ms(), 0))
+    for start in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_BATCH])
+    client.set_terminated(run_id, "FINISHED")
+    return {"kind": spec.kind, "seed": spec.seed, "prune_ratio": spec.prune_ratio, "mlflow_run_id": run_id,
+            **{k: v for k, v in result.items() if k not in ("history", "epoch_end_ms")}}
+
+
+# -- the files ----------------------------------------------------------------------------------------------------
+def write_results(plan: ReproducePlan, records: list[dict], rows: list[Row]) -> tuple[str, list[Path]]:
+    """table.md, table.csv, accuracy.png (table1), runs.json (per-seed raw numbers) and plan.json."""
+    folder = plan.out_dir / plan.name
+    folder.mkdir(parents=True, exist_ok=False)
+    b = plan.base
+    table = markdown(rows, b.dataset, b.arch, caption(plan))
+    files = [folder / "table.md", folder / "table.csv", folder / "runs.json", folder / "plan.json"]
+    files[0].write_text(table + "\n")
+    files[1].write_text(csv_text(rows, b.dataset, b.arch, plan.kd_settings))
+    order = {(s.kind, s.seed, s.prune_ratio): i for i, s in enumerate(plan.runs())}  # not the finishing order
+    records = sorted(records, key=lambda r: order[r["kind"], r["seed"], r["prune_ratio"]])
+    files[2].write_text(json.dumps({"name": plan.name, "table": plan.table, "seeds": list(plan.seeds),
+                                    "runs": records}, indent=2) + "\n")
+    files[3].write_text(json.dumps(plan_document(plan), indent=2) + "\n")
+    if plan.ratios:
+        files.append(plot(rows, f"{plan.table}: sparse-KD on {b.dataset}/{b.arch}, {len(plan.seeds)} seeds",
+                          folder / "accuracy.png"))
+    if plan.best_file:
+        files.append(Path(shutil.copy(plan.best_file, folder / "best.yaml")))
+    return table, files
+
+
+def caption(plan: ReproducePlan) -> str:
+    b, n = plan.base, len(plan.seeds)
+    teacher = ("each seed's baseline student, magnitude-pruned at the ratio, not fine-tuned" if plan.ratios
+               else "the virtual teacher of Eq. 6 (`confidence` on the true class)")
+    settings = ", ".join(f"{k}={v:g} ({plan.kd_sources[k]})" for k, v in plan.kd_settings.items())
+    return (f"**{plan.table}** ({b.mode}) on {b.dataset}/{b.arch}, test split: accuracy in %, mean ± std over "
+            f"{n} seeds ({', '.join(map(str, plan.seeds))}); every run {b.epochs} epochs. Improvement = student KD "
+            f"− student SNN, paired by seed; its 95% CI is a Student t with {n - 1} degree{'s' * (n > 2)} of "
+            f"freedom. Teacher: {teacher}. Distillation: {settings}. Code {provenance()['code_version']}.")
+
+
+def plan_document(plan: ReproducePlan) -> dict:
+    """What made the table: protocol, settings and their sources, every run's resolved config, code versions."""
+    return {
+        "name": plan.name, "table": plan.table, "seeds": list(plan.seeds), "prune_ratios": list(plan.ratios),
+        "distillation": plan.kd_settings, "sources": plan.kd_sources, "best_file": plan.best_file,
+        "tracking_uri": plan.tracking_uri, "experiment": plan.experiment, "provenance": provenance(),
+        "runs": [{"kind": s.kind, "seed": s.seed, "prune_ratio": s.prune_ratio, "config": s.config.to_dict()}
+                 for s in plan.runs()],
+    }
