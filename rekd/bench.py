@@ -8,6 +8,7 @@ benchmark in rekd.bench_search.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -58,6 +59,21 @@ def median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median time of each function, timed in turn round after round, so that a machine that slows down
+    or speeds up during the measurement moves all of them alike and their ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -69,6 +85,7 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
     return step
 
 
+LAYOUT = torch.channels_last  # as train() runs with the default TrainConfig.channels_last
 SHAPES = {"tiny": (1, 8, 10, 4, 32), "resnet18": (3, 32, 100, 4, 32)}  # channels, size, classes, T, batch
 
 
@@ -79,13 +96,13 @@ def snn_vs_ann(arch: str, quick: bool) -> Row:
         batch = 8
     torch.manual_seed(0)
     cfg = TrainConfig(arch=arch).resolved(timesteps)
-    snn = build_model(cfg, channels, classes, size)
-    ann = SpikingNet(ARCHS[arch](channels, classes, size, lambda: nn.ReLU()))
+    snn = build_model(cfg, channels, classes, size).to(memory_format=LAYOUT)
+    ann = SpikingNet(ARCHS[arch](channels, classes, size, lambda: nn.ReLU())).to(memory_format=LAYOUT)
     x = torch.rand(timesteps, batch, channels, size, size)
     y = torch.randint(0, classes, (batch,))
     repeats = 3 if quick else 10
-    t_snn = median_time(step_fn(snn, x, y), 1, repeats)
-    t_ann = median_time(step_fn(ann, x[:1], y), 1, repeats)
+    times = interleaved_median_times({"snn": step_fn(snn, x, y), "ann": step_fn(ann, x[:1], y)}, 1, repeats)
+    t_snn, t_ann = times["snn"], times["ann"]
     return Row(f"snn_step / (T x ann_step) [{arch}, T={timesteps}, batch {batch}, cpu]", t_snn / (timesteps * t_ann),
                "ratio", 1.25, f"snn {t_snn * 1e3:.1f} ms, ann {t_ann * 1e3:.1f} ms")
 
@@ -101,24 +118,24 @@ def distillation_overhead(quick: bool) -> list[Row]:
     data = load_dataset(base)
     x, y = data.train.x[:32], data.train.y[:32]
     inputs = data.to_input(x, base.timesteps)
-    times = {}
+    times, steps = {}, {}
     for mode in ("baseline", "sparse_kd", "sparse_kd per step", "default_kd"):
         cfg = dataclasses.replace(base, mode=mode.split()[0], prune_ratio=0.5)
         torch.manual_seed(0)
         model = build_model(cfg, data.in_channels, data.num_classes, data.resolution)
         teacher = (PrunedTeacher(cfg, model.state_dict(), data.in_channels, data.num_classes, data.resolution)
-                   if cfg.mode == "sparse_kd" else None)
+                   .to(memory_format=LAYOUT) if cfg.mode == "sparse_kd" else None)
+        model.to(memory_format=LAYOUT)
         optimization = Optimization(cfg, model, 1000, torch.device("cpu"))
-        objective = OBJECTIVES[cfg.mode]
         given = None
         if mode == "sparse_kd":  # what train() does for data without augmentation: logits computed once
             start = time.perf_counter()
             cached = teacher_outputs(teacher, data, data.train, cfg, optimization)
             times["precompute"] = time.perf_counter() - start
             given = cached[torch.arange(32)]
-        times[mode] = median_time(
-            lambda: train_step(model, teacher, objective, optimization, inputs, y, cfg, teacher_logits=given),
-            3, 25 if quick else 60)
+        steps[mode] = functools.partial(train_step, model, teacher, OBJECTIVES[cfg.mode], optimization, inputs, y,
+                                        cfg, teacher_logits=given)
+    times.update(interleaved_median_times(steps, 3, 25 if quick else 60))
     steps_per_epoch = len(data.train) // 32
     amortised = times["sparse_kd"] + times["precompute"] / (base.epochs * steps_per_epoch)
     return [
@@ -199,44 +216,61 @@ def epoch_time(cfg: TrainConfig, data) -> float:
 
 
 def harness_overhead(quick: bool) -> Row:
-    """Wall time of a search of N trials / (the same trials run bare in one process / concurrency)."""
+    """Wall time of a search of N trials / (the same trials run bare in one process / concurrency).
+
+    The detail splits the search's wall time by the Optuna study's record of each trial (from the suggestion
+    to the last result): the time before the first trial (Ray start, MLflow parent run, Tune set-up), the
+    time after the last one (summary, plots, shutdown), and how much longer the trials took under Tune than
+    bare (actor start-up, reports, checkpoints, logging and the CPU Ray's own processes take); the rest is
+    time between trials.
+    """
     from rekd.datasets import load_dataset
     from rekd.driver import run_search
     from rekd.search import build_parser, plan_from_args
     from rekd.tracking import client_for, ensure_experiment
     from rekd.train import resolve, train
 
-    trials, epochs = (4, 8) if quick else (6, 24)
-    storage = tempfile.mkdtemp(prefix="rekd-bench-")
-    args = build_parser().parse_args(["baseline", "--num-samples", str(trials), "--epochs", str(epochs),
-                                      "--max-concurrency", "2", "--storage-path", storage, "--name", "bench"])
-    plan = plan_from_args(args, [])
-    plan = dataclasses.replace(plan, study=plan.study.with_overrides(grace_period=epochs))  # ASHA stops nothing
-    data = load_dataset(plan.base)
-    client = client_for(plan.tracking_uri)
-    experiment_id = ensure_experiment(client, plan.experiment)
-    start = time.perf_counter()
-    with open(os.devnull, "w") as quiet:
-        stdout, sys.stdout = sys.stdout, quiet
-        try:
-            run_search(plan, data, client, experiment_id)
-        finally:
-            sys.stdout = stdout
-    search_wall = time.perf_counter() - start
-    import ray
-    ray.shutdown()
-    import optuna
-    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{storage}/bench/optuna.db")
+    trials, epochs, concurrency = (4, 8, 2) if quick else (12, 24, 2)
+    with tempfile.TemporaryDirectory(prefix="rekd-bench-") as storage:
+        args = build_parser().parse_args(["baseline", "--num-samples", str(trials), "--epochs", str(epochs),
+                                          "--max-concurrency", str(concurrency), "--storage-path", storage,
+                                          "--name", "bench"])
+        plan = plan_from_args(args, [])
+        plan = dataclasses.replace(plan, study=plan.study.with_overrides(grace_period=epochs))  # ASHA stops nothing
+        data = load_dataset(plan.base)
+        client = client_for(plan.tracking_uri)
+        experiment_id = ensure_experiment(client, plan.experiment)
+        started = time.time()
+        with open(os.devnull, "w") as quiet:
+            stdout, sys.stdout = sys.stdout, quiet
+            try:
+                run_search(plan, data, client, experiment_id)
+            finally:
+                sys.stdout = stdout
+        import ray
+        ray.shutdown()
+        ended = time.time()
+        import optuna
+        study = optuna.load_study(study_name="bench", storage=f"sqlite:///{storage}/bench/optuna.db")
+        params = {t.number: t.params for t in study.trials}
+        # From the searcher's suggestion to the trial's last result: start-up on the actor included.
+        spans = [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in study.trials]
     torch.set_num_threads(1)  # as each Ray trial runs (one CPU per trial)
-    start = time.perf_counter()
-    for trial in study.trials:
-        train(resolve(plan.base.with_overrides(**trial.params)), data=data)
-    bare = time.perf_counter() - start
+    bare = []
+    for number in sorted(params):
+        start = time.perf_counter()
+        train(resolve(plan.base.with_overrides(**params[number])), data=data)
+        bare.append(time.perf_counter() - start)
     torch.set_num_threads(os.cpu_count() or 1)
-    per_trial = bare / len(study.trials)
-    return Row(f"search wall / (bare trials / concurrency) [{trials} trials of ~{per_trial:.1f} s, 2 at once]",
-               search_wall / (bare / 2), "ratio", 1.15, f"search {search_wall:.1f} s (Ray start, teacher-free, MLflow, "
-               f"plots included), bare {bare:.1f} s")
+    search_wall, bare_total = ended - started, sum(bare)
+    before = min(s for s, _ in spans) - started
+    after = ended - max(e for _, e in spans)
+    in_tune = sum(e - s for s, e in spans)
+    gaps = search_wall - before - after - (in_tune / concurrency)
+    return Row(f"search wall / (bare trials / concurrency) [{trials} trials of ~{bare_total / trials:.1f} s, "
+               f"{concurrency} at once]", search_wall / (bare_total / concurrency), "ratio", 1.15,
+               f"search {search_wall:.1f} s, bare {bare_total:.1f} s; before the first trial {before:.1f} s, after "
+               f"the last {after:.1f} s, trials {in_tune / bare_total:.2f}x their bare time, gaps {gaps:.1f} s")
 
 
 def print_table(rows: list[Row]) -> None:

@@ -60,6 +60,7 @@ class TrainConfig:
     eval_test: bool = False  # also score the test split every epoch (final runs, not tuning)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # NHWC activations and conv weights: faster pooling on CPUs, tensor cores on GPUs
 
     def __post_init__(self) -> None:
         for f in fields(self):

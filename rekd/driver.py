@@ -61,6 +61,7 @@ def progress_table(study):
 def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str) -> int:
     import ray
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
 
     from rekd.searcher import make_searcher
@@ -115,7 +116,7 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                         reuse_actors=True),  # no new worker process per trial
             run_config=tune.RunConfig(
-                name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker],
+                name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker, JsonLoggerCallback()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=2),
                 progress_reporter=progress_table(study), verbose=1,

@@ -21,12 +21,12 @@ from torch import nn
 
 from rekd.checkpoint import load_weights
 from rekd.config import TrainConfig
-from rekd.models import build_model
+from rekd.models import build_model, freeze_for_inference
 from rekd.prune import magnitude_prune
 from rekd.storage import load_tensors, save_atomic
 
 # Settings that do not change which network a baseline run produces.
-NOT_DETERMINING = ("mode", "cache_dir", "download", "epochs", "eval_test", "device", "amp",
+NOT_DETERMINING = ("mode", "cache_dir", "download", "epochs", "eval_test", "device", "amp", "channels_last",
                    "prune_ratio", "temperature", "alpha", "confidence", "data_root")
 EXTERNAL_DATA = ("cifar100", "dvsgesture")  # datasets read from data_root: their location is part of the key
 
@@ -73,7 +73,7 @@ class PrunedTeacher(nn.Module):
         self.net = build_model(cfg, in_channels, num_classes, resolution)
         load_weights(self.net, weights, "teacher weights")
         self.sparsity = magnitude_prune(self.net, cfg.prune_ratio)
-        self.net.eval().requires_grad_(False)
+        freeze_for_inference(self.net)  # runs every distillation step: the cheap IF forward pass
 
     def train(self, mode: bool = True) -> "PrunedTeacher":
         return super().train(False)  # a teacher's batch norm keeps its running statistics, always

@@ -148,11 +148,12 @@ def train(
     device = select_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = (data if data is not None else load_dataset(cfg)).to(device)
-    model = build_model(cfg, data.in_channels, data.num_classes, data.resolution).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+    model = build_model(cfg, data.in_channels, data.num_classes, data.resolution).to(device, memory_format=layout)
     teacher = make_teacher(cfg, data, teacher_weights)
     teacher_info = {}
     if teacher is not None:
-        teacher.to(device)
+        teacher.to(device, memory_format=layout)
         teacher_info = {"teacher_sparsity": teacher.sparsity,
                         "teacher_val_acc": evaluate(teacher.net, data, data.val, cfg)[0]}
     objective = lookup(OBJECTIVES, cfg.mode, "mode")

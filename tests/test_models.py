@@ -5,7 +5,7 @@ from spikingjelly.activation_based import neuron, surrogate
 
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.models import ARCHS, build_model, spiking_layers
+from rekd.models import ARCHS, InferenceIF, build_model, freeze_for_inference, spiking_layers
 
 
 def model(arch="tiny", channels=1, classes=10, resolution=8, **settings):
@@ -78,3 +78,29 @@ def test_unknown_arch_names_the_allowed_ones():
 
 def test_registry_holds_the_four_architectures():
     assert set(ARCHS) == {"tiny", "resnet18", "wrn16_4", "vgg16"}
+
+
+@pytest.mark.parametrize("v_reset", [0.0, -0.5, None])  # hard reset to 0, to a negative value, soft reset
+def test_inference_if_gives_spikingjellys_spikes(v_reset):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, 5, dtype=torch.float64)
+    reference = neuron.IFNode(v_threshold=0.7, v_reset=v_reset, step_mode="m")
+    with torch.no_grad():
+        expected = reference(x)
+    assert expected.sum() > 0 and (expected == 0).any()  # the check is not vacuous
+    assert torch.equal(InferenceIF(0.7, v_reset)(x), expected)
+
+
+@pytest.mark.parametrize("arch,resolution", [("tiny", 8), ("resnet18", 8), ("wrn16_4", 8)])
+def test_a_frozen_network_gives_the_logits_of_the_network_it_was(arch, resolution):
+    torch.manual_seed(0)
+    net = model(arch, 1, 10, resolution).double()
+    x = torch.rand(4, 3, 1, resolution, resolution, dtype=torch.float64)
+    net.train()
+    net(x)  # move the batch-norm running statistics away from their initial values
+    net.eval()
+    with torch.no_grad():
+        expected = net(x)
+    frozen = freeze_for_inference(net)
+    assert not spiking_layers(frozen) and not any(p.requires_grad for p in frozen.parameters())
+    assert torch.equal(frozen(x), expected)
