@@ -292,8 +292,8 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Measure rekd's costs as ratios and compare them with their targets.")
     p.add_argument("--quick", action="store_true", help="a reduced set in a few minutes")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--only", choices=("snn", "kd", "data", "harness", "search"), action="append",
-                   help="run only these groups (repeatable)")
+    p.add_argument("--only", choices=("snn", "kd", "data", "harness", "search", "gpu"), action="append",
+                   help="run only these groups (repeatable); gpu runs only where CUDA is present")
     return p
 
 
@@ -305,7 +305,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rekd.bench_search import search_efficiency
 
     args = build_parser().parse_args(argv)
-    groups = args.only or ["snn", "kd", "data", "harness", "search"]
+    groups = args.only or ["snn", "kd", "data", "harness", "search", "gpu"]
     rows: list[Row] = []
     if "snn" in groups:
         rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
@@ -318,7 +318,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         rows += [harness_overhead(args.quick, concurrency) for concurrency in (os.cpu_count() or 1, 1)]
     if "search" in groups:
         rows += search_efficiency(args.quick)
-    if not torch.cuda.is_available():
+    if "gpu" in groups and torch.cuda.is_available():
+        from rekd.bench_gpu import gpu_rows
+        rows += gpu_rows(args.quick)
+    elif "gpu" in groups:
         print("no GPU here: the GPU measurements (bf16, torch.compile, channels_last, IF implementations, "
               "trials sharing a GPU) were not run", file=sys.stderr)
     print_table(rows)

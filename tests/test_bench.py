@@ -42,3 +42,15 @@ def test_rows_compare_with_their_targets(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert {"name", "value", "unit", "target", "meets_target"} <= set(rows[0])
     assert "regret with the PRUNED fix" in capsys.readouterr().out
+
+
+def test_the_gpu_throughput_measurement_runs_on_a_cpu_in_its_own_process():
+    import torch
+
+    from rekd.bench_gpu import VARIANTS, measure, variant_in_subprocess
+
+    direct = measure("cpu", batch=2, steps=1, **VARIANTS["fp32"][1])
+    assert direct["images_per_s"] > 0
+    assert variant_in_subprocess("bf16 + channels_last", "cpu", 2, 1)["images_per_s"] > 0
+    if not torch.cuda.is_available():  # a failing variant becomes a row that says why, not a crash
+        assert "error" in variant_in_subprocess("fp32", "cuda", 2, 1)
