@@ -29,7 +29,9 @@ PAPER_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)  # Table 1's teacher prune ratios
 KD_SETTINGS = {"sparse_kd": ("temperature", "alpha"), "default_kd": ("confidence", "temperature", "alpha")}
 # What the protocol sets for each run itself; fixing one with --set would change the experiment.
 PROTOCOL_KEYS = ("mode", "seed", "prune_ratio", "eval_test", "teacher_epochs", "epochs")
-MIN_SEEDS = 2  # the improvement's confidence interval needs at least two per-seed differences
+# A std from two seeds says little and a t interval with one degree of freedom is four times its standard
+# error wide: three seeds is the least a cell of these tables is shown with.
+MIN_SEEDS = 3
 DEFAULT_SEEDS = 3
 SMOKE = {"seeds": 3, "epochs": 2}  # every ratio still runs: only seeds and length shrink
 
@@ -44,8 +46,7 @@ def build_parser() -> Parser:
     p.add_argument("--data-root", metavar="DIR", help="folder with cifar-100-python/ or DVSGesture/ (default ./data)")
     p.add_argument("--seeds", type=int, metavar="N",
                    help=f"run every config under seeds 0..N-1 (default {DEFAULT_SEEDS}; at least {MIN_SEEDS}: "
-                        "the improvement's confidence interval is a Student t over per-seed differences and "
-                        "needs two of them)")
+                        "the improvement's confidence interval is a Student t over per-seed differences)")
     p.add_argument("--epochs", type=int, metavar="N",
                    help="epochs of every run, baseline (= teacher) included (default: the study's, 8)")
     p.add_argument("--ratios", metavar="R,R,...",
@@ -127,8 +128,8 @@ def plan_from_args(args) -> ReproducePlan:
     study = load_study(mode)
     n_seeds = args.seeds if args.seeds is not None else SMOKE["seeds"] if args.smoke_test else DEFAULT_SEEDS
     if n_seeds < MIN_SEEDS:
-        raise UsageError(f"--seeds {n_seeds} is not allowed; allowed: an integer >= {MIN_SEEDS} (the paired "
-                         "confidence interval needs two per-seed differences)")
+        raise UsageError(f"--seeds {n_seeds} is not allowed; allowed: an integer >= {MIN_SEEDS} (every cell is a "
+                         "mean ± std over seeds, every improvement a paired t interval)")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
     ratios = parse_ratios(args.ratios, args.table)

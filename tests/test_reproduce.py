@@ -138,9 +138,9 @@ def test_table1_plan_defaults_to_the_papers_ratios_three_seeds_and_states_its_so
 def test_smoke_test_keeps_every_ratio_and_shrinks_epochs(tmp_path):
     plan = plan_for(["table1", "--smoke-test"], tmp_path)
     assert plan.ratios == PAPER_RATIOS and len(plan.seeds) == 3 and plan.base.epochs == 2
-    plan = plan_for(["table2", "--smoke-test", "--seeds", "2", "--dataset", "ndigits"], tmp_path)
-    assert plan.ratios == () and plan.seeds == (0, 1) and plan.base.timesteps == 8
-    assert [(r.kind, r.config.mode) for r in plan.runs()] == [("baseline", "baseline")] * 2 + [("kd", "default_kd")] * 2
+    plan = plan_for(["table2", "--smoke-test", "--seeds", "3", "--dataset", "ndigits"], tmp_path)
+    assert plan.ratios == () and plan.seeds == (0, 1, 2) and plan.base.timesteps == 8
+    assert [(r.kind, r.config.mode) for r in plan.runs()] == [("baseline", "baseline")] * 3 + [("kd", "default_kd")] * 3
 
 
 def test_distillation_settings_come_from_best_then_set(tmp_path):
@@ -167,7 +167,7 @@ BAD = [
     (["table3"], "invalid choice: 'table3'"),
     (["table1", "--dataset", "mnist"], "unknown dataset 'mnist'; allowed: cifar100, digits, dvsgesture, ndigits"),
     (["table1", "--arch", "alexnet"], "unknown arch 'alexnet'"),
-    (["table1", "--seeds", "1"], "--seeds 1 is not allowed; allowed: an integer >= 2"),
+    (["table1", "--seeds", "2"], "--seeds 2 is not allowed; allowed: an integer >= 3"),
     (["table2", "--seeds", "0"], "--seeds 0 is not allowed"),
     (["table1", "--epochs", "0"], "--epochs 0 is not allowed; allowed: an integer >= 1"),
     (["table1", "--ratios", "0,1.2"], "'1.2' is not allowed; allowed: comma-separated numbers 0 <= r < 1"),
