@@ -1,0 +1,36 @@
+"""The MLflow tracker on a real (sqlite) store: every result arrives, in order, gathered into few calls."""
+from types import SimpleNamespace
+
+from rekd.tracking import OUTCOME_TAG, MlflowTrialTracker, client_for, ensure_experiment
+
+
+def test_a_search_s_results_reach_mlflow_complete_and_in_far_fewer_calls_than_epochs(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, "tracking")
+    parent = client.create_run(experiment_id).info.run_id
+    tracker = MlflowTrialTracker(uri, experiment_id, parent, "search", epochs=20)
+    calls = []
+    log_batch = client.log_batch
+    client.log_batch = lambda *args, **kwargs: (calls.append(args[0]), log_batch(*args, **kwargs))[1]
+    tracker._client = client  # the same store, with its calls counted
+
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={"lr": 0.1 * (i + 1)}, last_result=None) for i in range(2)]
+    for trial in trials:
+        tracker.on_trial_start(0, trials, trial)
+    for epoch in range(1, 21):  # two trials reporting in turn, as Tune calls the callback
+        for trial in trials:
+            trial.last_result = {"epoch": epoch, "val_acc": epoch / 20 + int(trial.trial_id[1]), "timestamp": 100 + epoch}
+            tracker.on_trial_result(0, trials, trial, trial.last_result)
+    for trial in trials:
+        tracker.on_trial_complete(0, trials, trial)
+    assert tracker.close(timeout=30) == []
+
+    for i, trial in enumerate(trials):
+        run_id = tracker.runs[trial.trial_id]
+        history = client.get_metric_history(run_id, "val_acc")
+        assert [(m.step, m.value) for m in history] == [(e, e / 20 + i) for e in range(1, 21)]
+        run = client.get_run(run_id)
+        assert run.data.params["lr"] == str(0.1 * (i + 1)) and run.data.tags[OUTCOME_TAG] == "completed"
+        assert run.info.status == "FINISHED"
+    assert len(calls) <= 6  # 2 x (params, metrics, outcome) instead of 2 x (1 + 20 + 1)
