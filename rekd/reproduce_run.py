@@ -24,7 +24,8 @@ from rekd.reproduce import ReproducePlan, RunSpec
 from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search import start_ray
 from rekd.teachers import PrunedTeacher, cpu_weights
-from rekd.tracking import PARENT_TAG, ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics
+from rekd.tracking import (PARENT_TAG, ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics,
+                           where_to_look)
 from rekd.train import evaluate, select_device, train
 
 CHILD_ROLE = "reproduce_run"
@@ -92,11 +93,7 @@ def execute(plan: ReproducePlan, data: dict[int, DataSplits]) -> int:
     client.set_terminated(parent_id, "FINISHED")
     print("\n" + table)
     print(f"\nsaved {plan.out_dir / plan.name}: {', '.join(p.name for p in files)}")
-    print(f"MLflow: experiment {plan.experiment!r}, parent run {parent_id}; open it with")
-    if plan.tracking_uri.startswith(("http://", "https://")):
-        print(f"  {plan.tracking_uri}")
-    else:
-        print(f"  mlflow ui --host 127.0.0.1 --backend-store-uri {plan.tracking_uri}")
+    print(where_to_look(plan.experiment, parent_id, plan.tracking_uri))
     return 0
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
+from rekd.tracking import where_to_look
+
 TOP = 5
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
 
@@ -74,11 +76,7 @@ class Summary:
         for warning in self.warnings:
             print(f"warning: {warning}")
         print(f"results: {plan.storage_path / plan.name}")
-        print(f"MLflow: experiment {plan.experiment!r}, parent run {parent_run_id}; open it with")
-        if plan.tracking_uri.startswith(("http://", "https://")):
-            print(f"  {plan.tracking_uri}")
-        else:
-            print(f"  mlflow ui --host 127.0.0.1 --backend-store-uri {plan.tracking_uri}")
+        print(where_to_look(plan.experiment, parent_run_id, plan.tracking_uri))
         print(f"next: python -m rekd.best {plan.experiment} --top 3 --out best.yaml --tracking-uri {plan.tracking_uri}")
 
 

@@ -2,7 +2,6 @@
 line that says what is wrong and what is allowed, exit status 2, no traceback, and leaves nothing behind
 (no new file in the working folders, no new run in MLflow)."""
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,14 @@ from rekd.final import main as final_main
 from rekd.search import main as search_main
 from rekd.train import train
 from rekd.train_cli import main as train_main
+from processes import free_port
+from usage import assert_usage_error
 
 MAINS = {"train": train_main, "search": search_main, "best": best_main, "final": final_main}
 GOOD_STUDY = Path(__file__).resolve().parent.parent / "search_spaces" / "sparse_kd.yaml"
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
+closed_port = free_port  # nothing listens there once the socket is closed
 
 
 CASES = [
@@ -129,10 +127,7 @@ def test_malformed_input_is_one_line_exit_2_and_leaves_nothing(command, argv, me
     except SystemExit as e:  # argparse's own errors
         code = e.code
     out, err = capsys.readouterr()
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err + out
+    assert_usage_error(code, out, err, message)
     assert snapshot(workspace) == before
     assert list(tmp_path.iterdir()) == []  # no run folder, results folder or table
     assert len(store.search_runs([e.experiment_id for e in store.search_experiments()])) == runs_before

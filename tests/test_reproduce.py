@@ -5,7 +5,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from rekd.reproduce import PAPER_RATIOS, build_parser, main, plan_from_args
 from rekd.reproduce_table import Row, csv_text, markdown, rows_from, summary_metrics
 from rekd.stats import mean_std, paired, paired_ci
+from processes import free_port
+from usage import assert_usage_error
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two-sided 95% Student t quantiles from a printed table: 1 and 2 degrees of freedom.
@@ -157,10 +158,7 @@ def test_distillation_settings_come_from_best_then_set(tmp_path):
 
 
 # -- bad input -------------------------------------------------------------------------------------------
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
+closed_port = free_port  # nothing listens there once the socket is closed
 
 
 BAD = [
@@ -207,10 +205,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, workspac
     except SystemExit as e:  # argparse's own errors
         code = e.code
     out, err = capsys.readouterr()
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in out + err
+    assert_usage_error(code, out, err, message)
     assert list(tmp_path.iterdir()) == [] and sorted(p.name for p in workspace.rglob("*")) == before
 
 
