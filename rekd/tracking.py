@@ -20,6 +20,7 @@ import weakref
 from typing import Any, Optional
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -61,7 +62,14 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: Option
             if experiment.lifecycle_stage == "deleted":
                 raise UsageError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
             return experiment.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location)
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as e:
+            # Two searches started at once: the other one created it between our look and our create.
+            experiment = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if experiment is None:
+                raise
+            return experiment.experiment_id
     except UsageError:
         raise
     except Exception as e:  # any failure to reach or use the store

@@ -34,3 +34,22 @@ def test_a_search_s_results_reach_mlflow_complete_and_in_far_fewer_calls_than_ep
         assert run.data.params["lr"] == str(0.1 * (i + 1)) and run.data.tags[OUTCOME_TAG] == "completed"
         assert run.info.status == "FINISHED"
     assert len(calls) <= 6  # 2 x (params, metrics, outcome) instead of 2 x (1 + 20 + 1)
+
+
+def test_an_experiment_created_by_another_search_in_the_meantime_is_used(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    get = client.get_experiment_by_name
+    other = client_for(uri)
+    looked = []
+
+    def look_then_lose_the_race(name):  # the other search creates it right after this look
+        found = get(name)
+        if not looked:
+            looked.append(name)
+            other.create_experiment(name)
+        return found
+
+    client.get_experiment_by_name = look_then_lose_the_race
+    experiment_id = ensure_experiment(client, "shared")
+    assert experiment_id == other.get_experiment_by_name("shared").experiment_id
