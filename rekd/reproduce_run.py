@@ -23,10 +23,10 @@ from rekd.provenance import provenance
 from rekd.reproduce import ReproducePlan, RunSpec
 from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search import start_ray
-from rekd.teachers import PrunedTeacher, cpu_weights
+from rekd.teachers import cpu_weights
 from rekd.tracking import (PARENT_TAG, ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics,
                            where_to_look)
-from rekd.train import evaluate, select_device, train
+from rekd.train import train
 
 CHILD_ROLE = "reproduce_run"
 NAME_TAG = "rekd.reproduce"  # the reproduction's name, on the parent and on every child
@@ -43,19 +43,12 @@ def baseline_task(cfg: TrainConfig, data: DataSplits) -> tuple[dict, dict]:
 
 
 def kd_task(cfg: TrainConfig, data: DataSplits, teacher_weights: Optional[dict]) -> dict:
-    """Stage 2: for sparse_kd the pruned teacher's test accuracy as it is (no fine-tuning), then the student."""
-    teacher = pruned_teacher_scores(cfg, data, teacher_weights) if cfg.mode == "sparse_kd" else {}
+    """Stage 2: the distilled student; for sparse_kd also its pruned teacher's test accuracy as it is (no
+    fine-tuning), which train() measures before the student's first step."""
     ends: list[int] = []
     result = train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=lambda metrics: ends.append(now_ms()))
+    teacher = {k: result.final[k] for k in ("teacher_test_acc", "teacher_sparsity") if k in result.final}
     return {**outcome(result, ends), **teacher}
-
-
-def pruned_teacher_scores(cfg: TrainConfig, data: DataSplits, weights: dict) -> dict:
-    # train() scores its teacher on validation only (tuning never sees test); the table needs test.
-    device = select_device(cfg.device)
-    data = data.to(device)
-    teacher = PrunedTeacher(cfg, weights, data.in_channels, data.num_classes, data.resolution).to(device)
-    return {"teacher_test_acc": evaluate(teacher.net, data, data.test, cfg)[0], "teacher_sparsity": teacher.sparsity}
 
 
 def outcome(result, epoch_end_ms: list[int]) -> dict:
@@ -187,8 +180,6 @@ def close_child(client, run_id: str, spec: RunSpec, result: dict) -> dict:
     for epoch_metrics, end_ms in zip(result["history"], result["epoch_end_ms"]):
         metrics += numeric_metrics(epoch_metrics, epoch_metrics["epoch"], end_ms)
     metrics.append(Metric("final_test_acc", result["test_acc"], now_ms(), 0))
-    if "teacher_test_acc" in result:  # measured once, before the student trains
-        metrics.append(Metric("teacher_test_acc", result["teacher_test_acc"], now_ms(), 0))
     for start in range(0, len(metrics), MAX_BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + MAX_BATCH])
     client.set_terminated(run_id, "FINISHED")

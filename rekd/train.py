@@ -156,6 +156,8 @@ def train(
         teacher.to(device, memory_format=layout)
         teacher_info = {"teacher_sparsity": teacher.sparsity,
                         "teacher_val_acc": evaluate(teacher.net, data, data.val, cfg)[0]}
+        if cfg.eval_test:  # final runs and reproductions report the pruned teacher as it is, on test
+            teacher_info["teacher_test_acc"] = evaluate(teacher.net, data, data.test, cfg)[0]
     objective = lookup(OBJECTIVES, cfg.mode, "mode")
     steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
     optimization = Optimization(cfg, model, cfg.epochs * steps_per_epoch, device)
