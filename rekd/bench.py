@@ -226,8 +226,9 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
     """
     from rekd.datasets import load_dataset
     from rekd.driver import run_search
-    from rekd.search import build_parser, plan_from_args, start_ray
-    from rekd.tracking import client_for, ensure_experiment
+    from rekd.ray_session import start_ray
+    from rekd.search import build_parser, plan_from_args
+    from rekd.tracking_store import open_store
     from rekd.train import resolve, train
 
     # Searches run on a Ray that is already up (`ray job submit` to a cluster); `make run` starts a private
@@ -243,8 +244,7 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
         plan = plan_from_args(args, [])
         plan = dataclasses.replace(plan, study=plan.study.with_overrides(grace_period=epochs))  # ASHA stops nothing
         data = load_dataset(plan.base)
-        client = client_for(plan.tracking_uri)
-        experiment_id = ensure_experiment(client, plan.experiment)
+        client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
         started = time.time()
         with open(os.devnull, "w") as quiet:
             stdout, sys.stdout = sys.stdout, quiet

@@ -107,8 +107,9 @@ def sharing_rows(quick: bool) -> list:
     from rekd.datasets import load_dataset
     from rekd.datasets.synthetic import make_cifar100_folder
     from rekd.driver import run_search
-    from rekd.search import build_parser, plan_from_args, start_ray
-    from rekd.tracking import client_for, ensure_experiment
+    from rekd.ray_session import start_ray
+    from rekd.search import build_parser, plan_from_args
+    from rekd.tracking_store import open_store
 
     start_ray()
     rows = []
@@ -124,12 +125,12 @@ def sharing_rows(quick: bool) -> list:
             study = plan.study.with_overrides(gpus=1.0 / k, grace_period=2)  # ASHA stops nothing
             plan = dataclasses.replace(plan, study=study)
             data = load_dataset(plan.base)
-            client = client_for(plan.tracking_uri)
+            client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
             started = time.perf_counter()
             with open(os.devnull, "w") as quiet:
                 stdout, sys.stdout = sys.stdout, quiet
                 try:
-                    run_search(plan, data, client, ensure_experiment(client, plan.experiment))
+                    run_search(plan, data, client, experiment_id)
                 finally:
                     sys.stdout = stdout
             hours = (time.perf_counter() - started) / 3600

@@ -71,18 +71,24 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     import os
 
     from rekd.tracking import client_for, first_line
+    from rekd.tracking_store import check_tracking_uri, sqlite_path
 
     args = build_parser().parse_args(argv)
     if args.top < 1:
         raise UsageError(f"--top {args.top} is not allowed; allowed: an integer >= 1")
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    if args.tracking_uri is not None:
+        uri, source = args.tracking_uri, "--tracking-uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    else:
         raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    store = sqlite_path(uri)
+    if store is not None and not store.exists():
         # MLflow would create an empty store there; a typo must not leave a new database behind.
-        raise UsageError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; check --tracking-uri")
-    client = client_for(uri)
+        raise UsageError(f"no MLflow store at {store}; check {source}")
+    check_tracking_uri(uri, source)  # only reads: nothing may be created, whatever the form
     try:
+        client = client_for(uri)  # opening a broken store fails here already
         experiment = client.get_experiment_by_name(args.experiment)
         names = [e.name for e in client.search_experiments()] if experiment is None else []
     except Exception as e:  # unreachable server, unreadable store

@@ -6,6 +6,9 @@ starts (two trials opening a new SQLite store at once race), and closed with the
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import sys
 
 from mlflow.entities import Param, RunTag
@@ -13,13 +16,21 @@ from mlflow.tracking import MlflowClient
 
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
-from rekd.scheduler import ResumableASHA
-from rekd.search import PROG as PROG_NAME, STATE_FILE, SearchPlan, start_ray, teacher_weights_for
+from rekd.interrupt import Interruption
+from rekd.ray_session import start_ray
+from rekd.search import PROG as PROG_NAME, SearchPlan, build_parser, teacher_weights_for
 from rekd.search_report import summarize
-from rekd.tracking import OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent, first_line
+from rekd.storage_watch import StorageWatch, storage_error
+from rekd.search_state import OPTUNA_FILE, default_store_uri, write_state
+from rekd.searcher import ResumableOptunaSearch, close_unfinished, make_searcher
+from rekd.scheduler import ResumableASHA
+from rekd.tracking import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent,
+                           first_line)
 
 
 UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
+INTERRUPTED_GRACE_S = 20  # the same after an interruption: the user (or `ray job stop`) is waiting
+ABORT_GRACE_S = 5  # after a second signal: the user wants out
 
 
 def describe_space(plan: SearchPlan) -> dict[str, str]:
@@ -59,93 +70,188 @@ def progress_table(study):
 
 
 def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str) -> int:
+    """Run the search to its end, its interruption (exit status 130 or 143) or its failure."""
     import ray
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.search import ConcurrencyLimiter
-
-    from rekd.searcher import make_searcher
-    from rekd.trainable import run_trial
 
     study = plan.study
     start_ray()
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"cpu": study.cpus, "gpu": study.gpus if has_gpus else 0}
-    print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
-          f"{study.max_concurrency} at once, {resources} each; searching {', '.join(p.name for p in study.params)}",
-          flush=True)
-    teacher = None
-    if plan.base.mode == "sparse_kd":
-        teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"])
+    with Interruption(PROG_NAME) as interruption:
+        try:
+            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+            resources = {"cpu": study.cpus, "gpu": study.gpus if has_gpus else 0}
+            print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
+                  f"{study.max_concurrency} at once, {resources} each; searching "
+                  f"{', '.join(p.name for p in study.params)}", flush=True)
+            teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"]) \
+                if plan.base.mode == "sparse_kd" else None
+        except KeyboardInterrupt:  # before the search began: nothing recorded yet
+            print(f"{PROG_NAME}: {interruption.name} received before the search began; nothing was recorded",
+                  file=sys.stderr)
+            return interruption.exit_status
+        parent_id = open_parent(plan, client, experiment_id)
+        search = Search(plan, client, experiment_id, parent_id)
+        try:
+            tuner = search.tuner(data, teacher, resources)
+            interruption.tune_running = True
+            results = tuner.fit()
+            interruption.tune_running = False  # from here a signal aborts: KeyboardInterrupt
+            return search.finish(results, interruption)
+        except BaseException as e:
+            interruption.tune_running = False
+            return search.abort(e, interruption)
 
+
+def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> str:
+    """The search's MLflow parent run: created with the study and versions, or the resumed search's, reopened."""
     experiment_dir = plan.storage_path / plan.name
-    if plan.resume:  # the parent run of the interrupted driver goes on
+    if plan.resume:  # the parent run of the interrupted or dead driver goes on
         parent_id = plan.resume["parent_run_id"]
-        client.set_tag(parent_id, "rekd.resumed", "true")
+        client.update_run(parent_id, status="RUNNING")
+        client.log_batch(parent_id, tags=[RunTag("rekd.resumed", "true"), RunTag(OUTCOME_TAG, "running")])
+        if INTERRUPTED_TAG in client.get_run(parent_id).data.tags:
+            client.delete_tag(parent_id, INTERRUPTED_TAG)
         print(f"resuming search {plan.name}: MLflow parent run {parent_id}", flush=True)
-    else:
-        parent = client.create_run(experiment_id, run_name=plan.name,
-                                   tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": study.name})
-        parent_id = parent.info.run_id
-        client.log_batch(parent_id, params=parent_params(plan),
-                         tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
-        client.log_artifact(parent_id, str(study.path), artifact_path="study")
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        (experiment_dir / STATE_FILE).write_text(json.dumps(
-            {"argv": list(plan.argv), "parent_run_id": parent_id, "experiment_id": experiment_id,
-             "tracking_uri": plan.tracking_uri}, indent=2))
-    optuna_url = f"sqlite:///{experiment_dir / 'optuna.db'}"
-    tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, study.epochs)
-    searched = {p.name for p in study.params}
-    fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher), resources)
-    if plan.resume:
-        # Trials, searcher (and its Optuna study), callbacks' state come back from the experiment folder.
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=fixed)
-    else:
-        searcher = ConcurrencyLimiter(make_searcher(study, optuna_url, plan.name, stock=plan.stock_optuna),
+        return parent_id
+    parent = client.create_run(experiment_id, run_name=plan.name,
+                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": plan.study.name,
+                                     OUTCOME_TAG: "running"})
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=parent_params(plan),
+                     tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+    client.log_artifact(parent_id, str(plan.study.path), artifact_path="study")
+    write_state(experiment_dir, list(plan.argv), parent_id, experiment_id, plan.tracking_uri,
+                default_store=plan.tracking_uri == default_store_uri(plan.storage_path))
+    return parent_id
+
+
+class Search:
+    """One run of the Tuner and how it ends: finished, interrupted, or failed."""
+
+    def __init__(self, plan: SearchPlan, client: MlflowClient, experiment_id: str, parent_id: str):
+        self.plan, self.client, self.experiment_id, self.parent_id = plan, client, experiment_id, parent_id
+        self.experiment_dir = plan.storage_path / plan.name
+        self.optuna_url = f"sqlite:///{self.experiment_dir / OPTUNA_FILE}"
+        self.tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, plan.study.epochs)
+
+    def tuner(self, data: DataSplits, teacher, resources: dict):
+        from ray import tune
+        from ray.tune.logger import JsonLoggerCallback
+        from ray.tune.search import ConcurrencyLimiter
+
+        from rekd.trainable import run_trial
+
+        plan, study = self.plan, self.plan.study
+        searched = {p.name for p in study.params}
+        fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher), resources)
+        if plan.resume:
+            # Trials, searcher (and its Optuna study), callbacks come back from the experiment folder, with
+            # the paths of where the search was started: they are pointed at where it is now.
+            ResumableOptunaSearch.storage_url = self.optuna_url
+            ResumableASHA.storage_path = str(plan.storage_path)
+            tuner = tune.Tuner.restore(str(self.experiment_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, param_space=fixed)
+            restored = [t for t in MlflowTrialTracker.active()
+                        if t is not self.tracker and t.parent_run_id == self.parent_id]
+            for tracker in restored:  # Tune runs the tracker it unpickled, not the one made here
+                tracker.tracking_uri, tracker.experiment_id = plan.tracking_uri, self.experiment_id
+            self.tracker = restored[-1] if restored else self.tracker
+            return tuner
+        searcher = ConcurrencyLimiter(make_searcher(study, self.optuna_url, plan.name, stock=plan.stock_optuna),
                                       max_concurrent=study.max_concurrency)
         scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
                                   max_t=study.epochs, grace_period=study.grace_period,
                                   reduction_factor=study.reduction_factor)
-        tuner = tune.Tuner(
+        return tune.Tuner(
             trainable,
             param_space=fixed,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_samples,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                         reuse_actors=True),  # no new worker process per trial
             run_config=tune.RunConfig(
-                name=plan.name, storage_path=str(plan.storage_path), callbacks=[tracker, JsonLoggerCallback()],
+                name=plan.name, storage_path=str(plan.storage_path),
+                callbacks=[self.tracker, JsonLoggerCallback(), StorageWatch()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=2),
                 progress_reporter=progress_table(study), verbose=1,
             ),
         )
-    try:
-        results = tuner.fit()
-    except BaseException as e:
-        tracker.log_parent(tags=[RunTag("rekd.error", first_line(e)[:500])])
-        tracker.end_parent("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        report_unsent(tracker.close(timeout=30), experiment_dir)
-        raise
-    if plan.resume:  # Tune ran the tracker it unpickled from the experiment, not the one made here
-        restored = [t for t in MlflowTrialTracker.active() if t is not tracker and t.parent_run_id == parent_id]
-        if restored:
-            tracker = restored[-1]
-    if plan.resume:
-        close_lost_runs(client, experiment_id, parent_id, results)
-    summary = summarize(plan, results, optuna_url, experiment_dir)
-    summary.log_to(tracker)
-    tracker.end_parent("FINISHED")
-    unsent = tracker.close(timeout=UNSENT_GRACE_S)
-    summary.print(plan, parent_id)
-    report_unsent(unsent, experiment_dir)
-    sys.stdout.flush()
-    if summary.best is None:
-        print(f"{PROG_NAME}: no trial produced a result; see the outcomes above and in MLflow", file=sys.stderr)
+
+    def finish(self, results, interruption: Interruption) -> int:
+        """Tune returned: the search ended, or stopped cleanly on the first signal."""
+        plan, tracker = self.plan, self.tracker
+        if plan.resume:
+            close_lost_runs(self.client, self.experiment_id, self.parent_id, results)
+        interrupted = interruption.signum is not None
+        stopped = self.close_unfinished(interruption) if interrupted else []
+        summary = summarize(plan, results, self.optuna_url, self.experiment_dir, interrupted=set(stopped))
+        summary.log_to(tracker, final=not interrupted)
+        tracker.end_parent("KILLED" if interrupted else "FINISHED")
+        unsent = tracker.close(timeout=INTERRUPTED_GRACE_S if interrupted else UNSENT_GRACE_S)
+        summary.print(plan, self.parent_id)
+        report_unsent(unsent, self.experiment_dir)
+        report_refused(tracker)
+        sys.stdout.flush()
+        if interrupted:
+            print(f"{PROG_NAME}: search {plan.name} interrupted ({interruption.name}); continue it with\n"
+                  f"  {resume_command(plan)}", file=sys.stderr)
+            return interruption.exit_status
+        if summary.best is None:
+            print(f"{PROG_NAME}: no trial produced a result; see the outcomes above and in MLflow", file=sys.stderr)
+            return 1
+        return 0
+
+    def close_unfinished(self, interruption: Interruption) -> list[str]:
+        """The trials the interruption stopped: their runs KILLED (outcome interrupted), their Optuna trials
+        closed as FAIL until --resume continues them. Returns their trial ids."""
+        tracker = self.tracker
+        stopped = tracker.end_unfinished("interrupted", "KILLED", {INTERRUPTED_TAG: interruption.name})
+        tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "interrupted"),
+                                 RunTag(INTERRUPTED_TAG, interruption.name)])
+        try:
+            close_unfinished(self.optuna_url, self.plan.name)
+        except Exception as e:  # the record of trials in MLflow is closed all the same
+            print(f"warning: could not close the Optuna trials in {self.optuna_url}: {first_line(e)}",
+                  file=sys.stderr)
+        return stopped
+
+    def abort(self, error: BaseException, interruption: Interruption) -> int:
+        """Tune raised: a second signal (abort), a results folder that became unwritable, or a bug."""
+        plan, tracker = self.plan, self.tracker
+        if isinstance(error, KeyboardInterrupt):
+            self.close_unfinished(interruption)
+            tracker.end_parent("KILLED")
+            report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)
+            print(f"{PROG_NAME}: search {plan.name} aborted ({interruption.name} twice); continue it with\n"
+                  f"  {resume_command(plan)}", file=sys.stderr)
+            return interruption.exit_status
+        storage = storage_error(error)
+        reason = f"the results folder {self.experiment_dir} became unwritable: {storage}" if storage \
+            else first_line(error)
+        tracker.end_unfinished("search_failed", "FAILED", {"rekd.error": reason[:500]})
+        tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "failed"), RunTag("rekd.error", reason[:500])])
+        tracker.end_parent("FAILED")
+        report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)
+        if storage is None:
+            raise error
+        print(f"{PROG_NAME}: error: search {plan.name} failed: {reason}", file=sys.stderr)
         return 1
-    return 0
+
+
+def resume_command(plan: SearchPlan) -> str:
+    """The exact command that continues this search, runnable as printed."""
+    study = build_parser().parse_args(list(plan.argv)).study
+    python = "python" if shutil.which("python") and os.path.realpath(shutil.which("python")) == \
+        os.path.realpath(sys.executable) else sys.executable
+    words = [python, "-m", "rekd.search", study, "--resume", plan.name, "--storage-path", str(plan.storage_path)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def report_refused(tracker: MlflowTrialTracker) -> None:
+    if tracker.refused:
+        op, error = tracker.refused[0]
+        print(f"warning: MLflow refused {len(tracker.refused)} logging calls, which were dropped "
+              f"(the first: {op[0]} -> {error})", file=sys.stderr)
 
 
 def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, results) -> None:
@@ -165,6 +271,10 @@ def report_unsent(unsent: list, experiment_dir) -> None:
     if not unsent:
         return
     path = experiment_dir / "mlflow-unsent.json"
-    path.write_text(json.dumps(unsent, indent=1, default=lambda o: getattr(o, "__dict__", str(o))))
-    print(f"warning: the MLflow server stayed unreachable; {len(unsent)} logging calls were not made "
-          f"({describe_unsent(unsent)}); they are saved in {path}", file=sys.stderr)
+    try:
+        path.write_text(json.dumps(unsent, indent=1, default=lambda o: getattr(o, "__dict__", str(o))))
+        where = f"they are saved in {path}"
+    except OSError as e:  # the results folder itself may be what failed
+        where = f"they could not be saved ({e.strerror}: {path})"
+    print(f"warning: the MLflow store stayed unreachable; {len(unsent)} logging calls were not made "
+          f"({describe_unsent(unsent)}); {where}", file=sys.stderr)

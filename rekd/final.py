@@ -24,7 +24,8 @@ from rekd.errors import UsageError
 from rekd.provenance import provenance
 from rekd.stats import mean_std, paired
 from rekd.teachers import cpu_weights, store_teacher
-from rekd.tracking import ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics
+from rekd.tracking import ROLE_TAG, flat_params, numeric_metrics
+from rekd.tracking_store import check_tracking_uri, open_store
 from rekd.train import resolve, train
 
 PROG = "python -m rekd.final"
@@ -68,11 +69,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
     document, configs = load_configs(args.best, args.epochs)
     baseline = dataclasses.replace(configs[0], mode="baseline")
-    uri = args.tracking_uri or document.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
-    client = client_for(uri)
-    experiment_id = ensure_experiment(client, args.experiment or document.get("experiment") or "rekd-final")
+    uri = check_tracking_uri(*tracking_uri_of(args, document))
+    client, experiment_id = open_store(uri, args.experiment or document.get("experiment") or "rekd-final")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -112,6 +110,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(table)
     print(f"\nsaved {out_dir / (name + '.md')}; MLflow parent run {parent.info.run_id} in {uri}")
     return 0
+
+
+def tracking_uri_of(args, document: dict) -> tuple[str, str]:
+    """(the store, where it came from): --tracking-uri, else the best file's, else $MLFLOW_TRACKING_URI."""
+    if args.tracking_uri is not None:
+        return args.tracking_uri, "--tracking-uri"
+    if document.get("tracking_uri"):
+        return str(document["tracking_uri"]), f"{args.best}: tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
 
 
 def tracked_run(client, experiment_id: str, parent_id: str, label: str, cfg: TrainConfig):

@@ -122,7 +122,7 @@ class ReproducePlan:
 
 def plan_from_args(args) -> ReproducePlan:
     from rekd.search import check_writable
-    from rekd.tracking import tracking_uri_from
+    from rekd.tracking_store import resolve_tracking_uri
 
     mode = TABLES[args.table]
     study = load_study(mode)
@@ -153,9 +153,10 @@ def plan_from_args(args) -> ReproducePlan:
                  f"are used here on {base.dataset}/{base.arch}",)
     out_dir = Path(args.out).expanduser().resolve()
     check_writable(out_dir, "--out")
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, out_dir)  # the store goes in --out unless named
     name = unique_name(out_dir, f"{args.table}-{base.dataset}-{base.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     return ReproducePlan(args.table, base, tuple(range(n_seeds)), ratios, sources, out_dir, name,
-                         tracking_uri_from(args.tracking_uri, str(out_dir)), args.experiment, study.cpus,
+                         tracking_uri, args.experiment, study.cpus,
                          study.gpus, args.best, notes)
 
 

@@ -18,14 +18,13 @@ from mlflow.entities import Metric, Param, RunTag
 
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
-from rekd.errors import UsageError
 from rekd.provenance import provenance
 from rekd.reproduce import ReproducePlan, RunSpec
 from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
-from rekd.search import start_ray
+from rekd.ray_session import start_ray
 from rekd.teachers import cpu_weights
-from rekd.tracking import (PARENT_TAG, ROLE_TAG, client_for, ensure_experiment, flat_params, numeric_metrics,
-                           where_to_look)
+from rekd.tracking import PARENT_TAG, ROLE_TAG, flat_params, numeric_metrics, where_to_look
+from rekd.tracking_store import open_store
 from rekd.train import train
 
 CHILD_ROLE = "reproduce_run"
@@ -63,15 +62,7 @@ def now_ms() -> int:
 # -- the driver -----------------------------------------------------------------------------------------------
 def execute(plan: ReproducePlan, data: dict[int, DataSplits]) -> int:
     """Run the plan (data: each seed's splits), write the tables, and track it all in MLflow."""
-    if plan.tracking_uri.startswith("sqlite:///"):  # the embedded store lives in a folder that must exist
-        store = Path(plan.tracking_uri.removeprefix("sqlite:///"))
-        try:
-            store.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--tracking-uri {plan.tracking_uri}: {store.parent} cannot be created "
-                             f"({e.strerror or e})") from None
-    client = client_for(plan.tracking_uri)
-    experiment_id = ensure_experiment(client, plan.experiment)
+    client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
     parent_id = open_parent(client, experiment_id, plan)
     try:
         records = run_tasks(plan, data, client, experiment_id, parent_id)

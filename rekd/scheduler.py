@@ -8,19 +8,35 @@ driver died and later decisions follow the same rule.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ray.tune.schedulers import ASHAScheduler
 
 
 class ResumableASHA(ASHAScheduler):
+    storage_path: Optional[str] = None  # set by the driver on a resume: where the experiment's folder is now
+
     def on_trial_add(self, tune_controller, trial) -> None:
+        relocate(trial, self.storage_path)
         super().on_trial_add(tune_controller, trial)
         bracket = self._trial_info[trial.trial_id]
         for iteration, value in recorded_results(trial, self._time_attr, self._metric):
             bracket.on_result(trial, iteration, self._metric_op * value)
+
+
+def relocate(trial, storage_path: Optional[str]) -> None:
+    """Point a trial at the folder the search is in now. Tune does so for the trials it restores, but the
+    trials its search generator creates after a resume take the storage saved with the experiment's spec
+    (ray 2.60), so a moved search would write them where it was started, or fail if that place is gone.
+    This is the same update Tune's own resume makes (`Trial.set_storage`)."""
+    if storage_path is None or trial.storage is None or trial.storage.storage_fs_path == storage_path:
+        return
+    storage = copy.copy(trial.storage)
+    storage.storage_fs_path = storage_path
+    trial.set_storage(storage)
 
 
 def recorded_results(trial, time_attr: str, metric: str) -> Iterator[tuple[int, float]]:

@@ -8,7 +8,6 @@ checked before Ray starts or anything is written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, load_dataset
 from rekd.errors import UsageError
+from rekd.search_state import (DEFAULT_STORE, check_parent_run, check_resumable, claim_existing, claim_new,
+                               default_store_uri, read_state, release_new, STATE_FILE)
 from rekd.study import Study, load_study, parse_assignment
 from rekd.train import resolve
 
@@ -29,6 +30,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # The classic reporter prints the columns chosen in rekd.driver.progress_table; the newer engine ignores them.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# The driver handles SIGINT itself (rekd.interrupt): Tune's own handler would end the search as if it
+# had finished. SIGUSR1 stays Tune's: it is how the driver asks Tune to stop.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 # A trial that runs out of GPU memory ends with a result that says why and carries no metric.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 # MLflow holds the metrics: of Tune's own loggers only the JSON one is kept (rekd.driver adds it), which
@@ -77,27 +81,29 @@ class SearchPlan:
     resume: Optional[dict] = None  # rekd-search.json of the search being resumed
 
 
-STATE_FILE = "rekd-search.json"
-
-
 def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
-    """The checked plan of a new search, or of the one --resume names (rebuilt from its saved command line)."""
+    """The checked plan of a new search, or of the one --resume names (rebuilt from its saved command line).
+
+    On --resume the folder the search is in now (--storage-path) wins over the one it was started in, and
+    --tracking-uri, when given, over the store it was tracked in: results folders get moved."""
     if args.resume:
-        folder = Path(args.storage_path).expanduser().resolve() / args.resume
-        if not (folder / STATE_FILE).is_file():
-            raise UsageError(f"--resume {args.resume}: no search state at {folder / STATE_FILE}; "
-                             f"allowed: a search name in {folder.parent}")
-        state = json.loads((folder / STATE_FILE).read_text())
+        storage_path = Path(args.storage_path).expanduser().resolve()
+        folder = storage_path / args.resume
+        state = read_state(folder, args.resume)
         saved = build_parser().parse_args(state["argv"])
         if saved.study != args.study:
             raise UsageError(f"--resume {args.resume} is a search of study {saved.study!r}, not {args.study!r}")
+        saved.storage_path = str(storage_path)
+        saved.tracking_uri = args.tracking_uri or (  # the default store: beside the results, wherever they are
+            default_store_uri(storage_path) if state["tracking_uri"] == DEFAULT_STORE else state["tracking_uri"])
+        check_resumable(folder, args.resume)
         plan = new_plan(saved, state["argv"], must_be_new=False)
         return dataclasses.replace(plan, resume=state)
     return new_plan(args, argv, must_be_new=True)
 
 
 def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
-    from rekd.tracking import tracking_uri_from
+    from rekd.tracking_store import resolve_tracking_uri
 
     study = load_study(args.search_space or args.study)
     if args.smoke_test:
@@ -127,8 +133,9 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
         raise UsageError(f"--name {name!r}: {storage_path / name} already exists; choose another name "
                          f"or continue it with --resume {name}")
     argv = [*argv, "--name", name] if "--name" not in argv else list(argv)
-    return SearchPlan(study, base, name, storage_path, tracking_uri_from(args.tracking_uri, str(storage_path)),
-                      args.experiment or f"rekd-{study.name}", args.stock_optuna, tuple(argv))
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, storage_path)
+    return SearchPlan(study, base, name, storage_path, tracking_uri, args.experiment or f"rekd-{study.name}",
+                      args.stock_optuna, tuple(argv))
 
 
 def check_writable(path: Path, flag: str = "--storage-path") -> None:
@@ -139,17 +146,6 @@ def check_writable(path: Path, flag: str = "--storage-path") -> None:
     if existing == path and not path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path} cannot be written ({existing} is not a writable folder); "
                          "choose a writable folder")
-
-
-def start_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
-        ray.init(log_to_driver=True)
-    else:  # a private Ray on loopback only
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
 def teacher_weights_for(base: TrainConfig, data: DataSplits, cpus: float, gpus: float) -> dict:
@@ -180,15 +176,24 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_from_args(args, argv)
     data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
-    from rekd.tracking import client_for, ensure_experiment
+    from rekd.tracking_store import open_store
 
-    if plan.tracking_uri.startswith("sqlite:///"):  # the embedded store lives in a folder that must exist
-        Path(plan.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = client_for(plan.tracking_uri)
-    experiment_id = ensure_experiment(client, plan.experiment)
+    client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
+    folder = plan.storage_path / plan.name
+    if plan.resume:
+        lock = claim_existing(folder)
+        check_parent_run(client, plan.resume, plan.name, plan.tracking_uri)
+    else:
+        lock = claim_new(folder)
     from rekd.driver import run_search
 
-    return run_search(plan, data, client, experiment_id)
+    try:
+        return run_search(plan, data, client, experiment_id)
+    finally:
+        if plan.resume or (folder / STATE_FILE).exists():
+            lock.release()
+        else:  # stopped before the search recorded anything: no half-made search is left behind
+            release_new(folder, lock)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import warnings as warnings_module
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
-from rekd.tracking import where_to_look
+from rekd.tracking import OUTCOME_TAG, where_to_look
 
+OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "interrupted")
 TOP = 5
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
 
@@ -24,7 +26,7 @@ class TrialRow:
     params: dict
     value: float  # the metric at the trial's last epoch
     epochs: int
-    outcome: str  # completed | stopped_early | errored
+    outcome: str  # completed | stopped_early | errored | non_finite_loss | cuda_oom | interrupted
 
 
 @dataclass
@@ -34,31 +36,43 @@ class Summary:
     rows: list[TrialRow]
     best: TrialRow | None
     counts: dict[str, int]
-    epochs_spent: int
-    epochs_budget: int
+    epochs_spent: int  # every trial's epochs, the interrupted ones' included
+    epochs_budget: int  # full length for every trial that ended (not interrupted, not yet started)
+    epochs_saved: int  # of that budget, what trials that ended early (ASHA, failures) did not run
+    not_started: int  # trials of num_samples that never started (an interrupted search)
     artifacts: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        out = {f"trials_{k}": float(v) for k, v in self.counts.items()}
+        # Every outcome, zeros included: a resumed search's summary replaces the interrupted one's counts.
+        out = {f"trials_{k}": float(self.counts.get(k, 0)) for k in sorted({*OUTCOMES, *self.counts})}
         out.update(epochs_spent=float(self.epochs_spent), epochs_budget=float(self.epochs_budget),
-                   epochs_saved_fraction=1 - self.epochs_spent / max(self.epochs_budget, 1))
+                   epochs_saved_fraction=self.epochs_saved / max(self.epochs_budget, 1),
+                   trials_not_started=float(self.not_started))
         if self.best is not None:
             out[f"best_{self.metric}"] = self.best.value
         return out
 
-    def log_to(self, tracker) -> None:
-        """The summary onto the search's parent run, through the tracker's queue."""
-        params = [Param(f"best.{k}", str(v)) for k, v in sorted(self.best.params.items())] if self.best else []
+    def log_to(self, tracker, final: bool) -> None:
+        """The summary onto the search's parent run, through the tracker's queue. An interrupted search's
+        summary is provisional: metrics and tags, which a resume overwrites (a later timestamp wins), but
+        not the best config as params, which MLflow never lets change: those are logged once, at the end."""
+        params = [Param(f"best.{k}", str(v)) for k, v in sorted(self.best.params.items())] \
+            if self.best and final else []
         tags = [RunTag("rekd.best_trial", self.best.trial_id)] if self.best else []
-        tracker.log_parent(metrics=[Metric(k, v, 0, 0) for k, v in self.metrics().items()], params=params, tags=tags)
+        tags.append(RunTag(OUTCOME_TAG, "finished" if final else "interrupted"))
+        now = int(time.time() * 1000)
+        tracker.log_parent(metrics=[Metric(k, v, now, 0) for k, v in self.metrics().items()], params=params, tags=tags)
         for path in self.artifacts:
             tracker.log_parent_artifact(str(path), "summary")
 
     def print(self, plan, parent_run_id: str) -> None:
         metric, study = self.metric, plan.study
         ranked = sorted(self.rows, key=sort_key(self.mode))
-        print(f"\nsearch {plan.name} finished: " + ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items())))
+        how = "interrupted" if "interrupted" in self.counts or self.not_started else "finished"
+        counts = [f"{v} {k}" for k, v in sorted(self.counts.items())]
+        counts += [f"{self.not_started} not started"] if self.not_started else []
+        print(f"\nsearch {plan.name} {how}: " + ", ".join(counts))
         names = [p.name for p in study.params]
         print(f"top {min(TOP, len(ranked))} trials by {metric} at their last epoch:")
         print("  " + "  ".join([f"{'trial':<14}", f"{metric:>9}", "epochs", f"{'outcome':<13}"] + names))
@@ -70,14 +84,17 @@ class Summary:
         if self.best is not None:
             settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.best.params.items())
             print(f"best config ({self.best.outcome}, {metric}={self.best.value:.4f}): {settings}")
-        saved = self.epochs_budget - self.epochs_spent
-        print(f"ASHA ran {self.epochs_spent} of {self.epochs_budget} trial-epochs: saved {saved} "
-              f"({saved / max(self.epochs_budget, 1):.0%})")
+        ended = sum(v for k, v in self.counts.items() if k != "interrupted")
+        if ended:
+            print(f"{ended} trials ended after {self.epochs_budget - self.epochs_saved} of the {self.epochs_budget} "
+                  f"epochs they would have run at full length: early stopping saved {self.epochs_saved} "
+                  f"({self.epochs_saved / max(self.epochs_budget, 1):.0%})")
         for warning in self.warnings:
             print(f"warning: {warning}")
         print(f"results: {plan.storage_path / plan.name}")
         print(where_to_look(plan.experiment, parent_run_id, plan.tracking_uri))
-        print(f"next: python -m rekd.best {plan.experiment} --top 3 --out best.yaml --tracking-uri {plan.tracking_uri}")
+        if how == "finished":
+            print(f"next: python -m rekd.best {plan.experiment} --top 3 --out best.yaml --tracking-uri {plan.tracking_uri}")
 
 
 def sort_key(mode: str):
@@ -86,14 +103,18 @@ def sort_key(mode: str):
     return lambda r: (r.outcome != "completed", not math.isfinite(r.value), sign * r.value if math.isfinite(r.value) else 0)
 
 
-def summarize(plan, results, optuna_url: str, experiment_dir: Path) -> Summary:
+def summarize(plan, results, optuna_url: str, experiment_dir: Path, interrupted: set[str] = frozenset()) -> Summary:
+    """The summary of the trials Tune returned; `interrupted`: ids of the trials an interruption stopped."""
     study = plan.study
     searched = [p.name for p in study.params]
     rows = []
     for result in results:
         last = result.metrics or {}
         epochs = int(last.get("epoch", 0))
-        if result.error:
+        trial_id = str(last.get("trial_id", result.path.rsplit("/", 1)[-1]))
+        if trial_id in interrupted or trial_name_of(result.path) in interrupted:
+            outcome = "interrupted"
+        elif result.error:
             outcome = "errored"
         elif last.get("stop_reason"):
             outcome = str(last["stop_reason"])
@@ -101,7 +122,7 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path) -> Summary:
             outcome = "completed" if epochs >= study.epochs else "stopped_early"
         value = last.get(study.metric)
         rows.append(TrialRow(
-            trial_id=str(last.get("trial_id", result.path.rsplit("/", 1)[-1])),
+            trial_id=trial_id,
             params={k: result.config.get(k) for k in searched},
             value=float(value) if isinstance(value, (int, float)) else math.nan,
             epochs=epochs, outcome=outcome,
@@ -112,17 +133,26 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path) -> Summary:
     candidates = [r for r in rows if r.outcome == "completed" and math.isfinite(r.value)] or \
                  [r for r in rows if r.outcome == "stopped_early" and math.isfinite(r.value)]
     best = sorted(candidates, key=sort_key(study.mode))[0] if candidates else None
+    ended = [r for r in rows if r.outcome != "interrupted"]
     summary = Summary(study.metric, study.mode, rows, best, counts, sum(r.epochs for r in rows),
-                      study.num_samples * study.epochs)
+                      epochs_budget=len(ended) * study.epochs,
+                      epochs_saved=sum(max(study.epochs - r.epochs, 0) for r in ended),
+                      not_started=max(study.num_samples - len(rows), 0))
     if best is not None:
         summary.warnings += edge_warnings(study, best.params)
     table = experiment_dir / "summary.json"
     table.write_text(json.dumps({"rows": [r.__dict__ for r in rows], "counts": counts,
                                  "best": best.__dict__ if best else None,
-                                 "epochs_spent": summary.epochs_spent, "epochs_budget": summary.epochs_budget},
+                                 "epochs_spent": summary.epochs_spent, "epochs_budget": summary.epochs_budget,
+                                 "epochs_saved": summary.epochs_saved, "not_started": summary.not_started},
                                 indent=2, default=str))
     summary.artifacts = [table, *optuna_plots(optuna_url, plan.name, experiment_dir, summary.warnings)]
     return summary
+
+
+def trial_name_of(path: str) -> str:
+    """The trial id in a trial folder's name (`trial_<id>`, rekd.driver.trial_name)."""
+    return path.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_")
 
 
 def edge_warnings(study, best_params: dict) -> list[str]:

@@ -125,19 +125,41 @@ def start(args, state_dir: Path) -> int:
     if not token_path.is_file():
         token_path.touch(mode=0o600)
         token_path.write_text(secrets.token_hex(32))
+    # Ray makes its temp folders mode 0777 (ray._common.utils.try_to_create_directory): it gets a subfolder
+    # of a 0700 folder, so no other user reaches its sockets, logs and job files. The folder stays under
+    # /tmp, not under state_dir: Ray's unix socket paths must stay under 108 bytes.
+    ray_temp_parent = tempfile.mkdtemp(prefix="rekd-ray-")
+    state = {"ray_temp_parent": ray_temp_parent, "ray_temp_dir": os.path.join(ray_temp_parent, "r"),
+             "token_path": str(token_path.resolve())}
+    try:
+        wait_until_ready(args, state, launch(args, state_dir, state))
+    except BaseException:  # a service that fails to start, or Ctrl-C, leaves no process, folder or state
+        remove_service(state, state_dir)
+        raise
+    print(f"ray head: {HOST}:{args.ray_port}, dashboard and jobs http://{HOST}:{args.dashboard_port} (token auth)")
+    print(f"mlflow:   http://{HOST}:{args.mlflow_port}")
+    print(f'clients:  eval "$({PROG} env --state-dir {state_dir})"')
+    return 0
+
+
+def server_env(args, state: dict) -> dict[str, str]:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind every Ray process to 127.0.0.1 (ray 2.60)
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           # Jobs submitted to this Ray inherit its environment: they track to this server by default.
-           "MLFLOW_TRACKING_URI": f"http://{HOST}:{args.mlflow_port}"}
-    # Ray's socket paths must stay short: its session folder goes under /tmp, not under state_dir.
-    ray_temp = tempfile.mkdtemp(prefix="rekd-ray-")
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["token_path"],
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind every Ray process to 127.0.0.1 (ray 2.60)
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # Jobs submitted to this Ray inherit its environment: they track to this server by default.
+            "MLFLOW_TRACKING_URI": f"http://{HOST}:{args.mlflow_port}"}
+
+
+def launch(args, state_dir: Path, state: dict) -> dict[str, subprocess.Popen]:
+    """Start the Ray head and the MLflow server; their PIDs (recorded as each starts, for a cleanup that may
+    come at any moment), ports and logs go into `state` and service.json."""
+    bin_dir = Path(sys.executable).parent
     ray_cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
                f"--port={args.ray_port}", f"--dashboard-host={HOST}", f"--dashboard-port={args.dashboard_port}",
                f"--ray-client-server-port={args.client_port}", f"--dashboard-agent-listen-port={args.agent_port}",
-               f"--temp-dir={ray_temp}", "--disable-usage-stats"]
+               f"--temp-dir={state['ray_temp_dir']}", "--disable-usage-stats"]
     if args.num_cpus:
         ray_cmd.append(f"--num-cpus={args.num_cpus}")
     mlflow_cmd = [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(args.mlflow_port),
@@ -146,31 +168,40 @@ def start(args, state_dir: Path) -> int:
                   "--artifacts-destination", str(state_dir.resolve() / "mlartifacts"),
                   # Host headers other than these are refused: no DNS rebinding from a browser.
                   "--allowed-hosts", f"{HOST}:{args.mlflow_port},localhost:{args.mlflow_port},{HOST},localhost"]
-    ray_log, mlflow_log = state_dir / "ray.log", state_dir / "mlflow.log"
-    with open(ray_log, "ab") as rl, open(mlflow_log, "ab") as ml:
-        ray_proc = subprocess.Popen(ray_cmd, stdout=rl, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        mlflow_proc = subprocess.Popen(mlflow_cmd, stdout=ml, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    state = {"ray_pid": ray_proc.pid, "mlflow_pid": mlflow_proc.pid, "ray_port": args.ray_port,
-             "dashboard_port": args.dashboard_port, "client_port": args.client_port, "mlflow_port": args.mlflow_port,
-             "token_path": str(token_path.resolve()), "ray_temp_dir": ray_temp,
-             "ray_log": str(ray_log), "mlflow_log": str(mlflow_log)}
+    env = server_env(args, state)
+    state.update({"ray_port": args.ray_port, "dashboard_port": args.dashboard_port, "client_port": args.client_port,
+                  "mlflow_port": args.mlflow_port, "ray_log": str(state_dir / "ray.log"),
+                  "mlflow_log": str(state_dir / "mlflow.log")})
+    processes = {}
+    for name, cmd in (("ray", ray_cmd), ("mlflow", mlflow_cmd)):
+        with open(state[f"{name}_log"], "ab") as log:
+            processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               start_new_session=True)
+        state[f"{name}_pid"] = processes[name].pid
     (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
-    try:
-        wait_for(lambda: "Ray runtime started" in ray_log.read_text(errors="replace"), "ray", ray_log,
-                 args.timeout, ray_proc)
-        # Jobs are refused ("No available agent") until the head's dashboard agent has registered: the
-        # service is ready when a no-op job goes through.
-        wait_for(lambda: accepts_jobs(bin_dir, {**env, **client_env(state)}), "ray job API", ray_log,
-                 args.timeout, ray_proc)
-        wait_for(lambda: http_ok(f"http://{HOST}:{args.mlflow_port}/health"), "mlflow server", mlflow_log,
-                 args.timeout, mlflow_proc)
-    except BaseException:
-        stop_processes(state)
-        raise
-    print(f"ray head: {HOST}:{args.ray_port}, dashboard and jobs http://{HOST}:{args.dashboard_port} (token auth)")
-    print(f"mlflow:   http://{HOST}:{args.mlflow_port}")
-    print(f'clients:  eval "$({PROG} env --state-dir {state_dir})"')
-    return 0
+    return processes
+
+
+def wait_until_ready(args, state: dict, processes: dict[str, subprocess.Popen]) -> None:
+    ray_log, mlflow_log = Path(state["ray_log"]), Path(state["mlflow_log"])
+    env = {**server_env(args, state), **client_env(state)}
+    bin_dir = Path(sys.executable).parent
+    wait_for(lambda: "Ray runtime started" in ray_log.read_text(errors="replace"), "ray", ray_log,
+             args.timeout, processes["ray"])
+    # Jobs are refused ("No available agent") until the head's dashboard agent has registered: the
+    # service is ready when a no-op job goes through.
+    wait_for(lambda: accepts_jobs(bin_dir, env), "ray job API", ray_log, args.timeout, processes["ray"])
+    wait_for(lambda: http_ok(f"http://{HOST}:{args.mlflow_port}/health"), "mlflow server", mlflow_log,
+             args.timeout, processes["mlflow"])
+
+
+def remove_service(state: dict, state_dir: Path) -> list[str]:
+    """End the service's processes, then remove Ray's private folder and service.json; what was stopped."""
+    stopped = stop_processes(state)
+    # States written before Ray's folder had a private parent name only Ray's folder.
+    shutil.rmtree(state.get("ray_temp_parent") or state.get("ray_temp_dir") or "", ignore_errors=True)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return stopped
 
 
 def stop_processes(state: dict, timeout: float = 40) -> list[str]:
@@ -224,9 +255,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         for name, key in (("ray", "ray_pid"), ("mlflow", "mlflow_pid")):
             print(f"{name}: {'running' if alive(state.get(key)) else 'stopped'} (pid {state.get(key)})")
     else:
-        stopped = stop_processes(state)
-        shutil.rmtree(state.get("ray_temp_dir", ""), ignore_errors=True)
-        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        stopped = remove_service(state, state_dir)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     return 0
 

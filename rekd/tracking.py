@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import threading
 import time
 import weakref
@@ -44,6 +45,7 @@ PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "rekd.role"  # search | trial | final
 SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
 OUTCOME_TAG = "rekd.outcome"
+INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
 # Bookkeeping Tune adds to every result; not metrics of the network.
 TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s",
              "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
@@ -81,6 +83,26 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def error_summary(error: BaseException) -> str:
+    """What went wrong in a trial, in one line. Tune wraps a trial's exception in a text that starts with
+    `Failure # 1 (occurred at ...)` and holds the traceback; the line that says something is its last
+    `SomeError: message` line (the exception the trial raised)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure)\b[^\s]*: ", line):
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
+def refused_for_good(error: Exception) -> bool:
+    """An MLflow error that is the request's fault (HTTP 4xx: invalid value, unknown run, a param logged
+    with another value), not the store's: retrying it cannot succeed. Too many requests is not one."""
+    if not isinstance(error, MlflowException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
 def flat_params(settings: dict[str, Any]) -> list[Param]:
     return [Param(key, "none" if value is None else str(value)) for key, value in sorted(settings.items())]
 
@@ -114,6 +136,7 @@ class MlflowTrialTracker(Callback):
         self.search_name = search_name
         self.epochs = epochs
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id (kept across driver restarts)
+        self.unfinished: set[str] = set()  # trials started and not yet ended (kept across driver restarts)
         self._init_runtime()
 
     @classmethod
@@ -123,11 +146,12 @@ class MlflowTrialTracker(Callback):
 
     def get_state(self) -> dict:  # saved by Tune with its experiment state, given back on restore
         with self._wake:
-            return {"runs": dict(self.runs), "pending": list(self._queue)}
+            return {"runs": dict(self.runs), "unfinished": sorted(self.unfinished), "pending": list(self._queue)}
 
     def set_state(self, state: dict) -> None:
         with self._wake:
             self.runs.update(state.get("runs", {}))
+            self.unfinished = set(state.get("unfinished", [])) | self.unfinished
             self._queue.extendleft(reversed(state.get("pending", [])))
 
     def _init_runtime(self) -> None:
@@ -139,6 +163,8 @@ class MlflowTrialTracker(Callback):
         self._deadline = math.inf
         self.failures = 0  # calls that had to be retried
         self.last_error = ""
+        self.refused: list[tuple[tuple, str]] = []  # (op, error) the store refused for good: never retried
+        self._one_at_a_time = False  # after a refused batch: find the op it refuses
         _ACTIVE.add(self)
 
     def __getstate__(self) -> dict:  # Tune snapshots its callbacks: the queue's content, not its thread
@@ -154,6 +180,7 @@ class MlflowTrialTracker(Callback):
 
     # -- Tune's callbacks: queue only ------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.unfinished.add(trial.trial_id)
         self._submit(("start", trial.trial_id, dict(trial.config)))
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
@@ -166,22 +193,31 @@ class MlflowTrialTracker(Callback):
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
         if last.get("stop_reason"):  # NaN loss or out of memory: said by the trainable
-            self._finish(trial, str(last["stop_reason"]), "FAILED",
-                         {"rekd.stopped_at_epoch": str(epoch), "rekd.stop_detail": str(last.get("stop_detail", ""))[:500]})
+            self.end_trial(trial.trial_id, str(last["stop_reason"]), "FAILED",
+                           {"rekd.stopped_at_epoch": str(epoch),
+                            "rekd.stop_detail": str(last.get("stop_detail", ""))[:500]})
         elif epoch >= self.epochs:
-            self._finish(trial, "completed", "FINISHED")
+            self.end_trial(trial.trial_id, "completed", "FINISHED")
         else:
-            self._finish(trial, "stopped_early", "FINISHED", {"rekd.stopped_at_epoch": str(epoch)})
+            self.end_trial(trial.trial_id, "stopped_early", "FINISHED", {"rekd.stopped_at_epoch": str(epoch)})
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         error = trial.get_error()
-        reason = first_line(error) if error is not None else "error"
-        self._finish(trial, "errored", "FAILED", {"rekd.error": reason[:500]})
+        reason = error_summary(error) if error is not None else "error"
+        self.end_trial(trial.trial_id, "errored", "FAILED", {"rekd.error": reason[:500]})
 
-    def _finish(self, trial, outcome: str, status: str, extra: Optional[dict] = None) -> None:
+    def end_trial(self, trial_id: str, outcome: str, status: str, extra: Optional[dict] = None) -> None:
+        self.unfinished.discard(trial_id)
         tags = [RunTag(OUTCOME_TAG, outcome)] + [RunTag(k, v) for k, v in (extra or {}).items()]
-        self._submit(("log", trial.trial_id, [], [], tags))
-        self._submit(("end", trial.trial_id, status))
+        self._submit(("log", trial_id, [], [], tags))
+        self._submit(("end", trial_id, status))
+
+    def end_unfinished(self, outcome: str, status: str, extra: Optional[dict] = None) -> list[str]:
+        """End the runs of trials that started and have not ended (the search stops without them)."""
+        ended = sorted(self.unfinished)
+        for trial_id in ended:
+            self.end_trial(trial_id, outcome, status, extra)
+        return ended
 
     # -- the parent run, through the same ordered queue ------------------------------------------------
     def log_parent(self, metrics: list[Metric] = (), params: list[Param] = (), tags: list[RunTag] = ()) -> None:
@@ -225,7 +261,11 @@ class MlflowTrialTracker(Callback):
                 ops = self._next_call()
             try:
                 self._execute(merge(ops))
-            except Exception as e:  # server down, timeout, 5xx: keep the ops, wait, retry
+            except Exception as e:
+                if refused_for_good(e):  # an invalid request: retrying cannot help, and would block the queue
+                    self._refuse(ops, e)
+                    continue
+                # server down, timeout, 5xx, a locked database: keep the ops, wait, retry
                 self.failures += 1
                 self.last_error = first_line(e)
                 if delay == 1.0:
@@ -237,9 +277,23 @@ class MlflowTrialTracker(Callback):
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 1.0
-            with self._wake:
-                sent = {id(op) for op in ops}
-                self._queue = collections.deque(op for op in self._queue if id(op) not in sent)
+            self._one_at_a_time = False
+            self._drop(ops)
+
+    def _drop(self, ops: list[tuple]) -> None:
+        with self._wake:
+            sent = {id(op) for op in ops}
+            self._queue = collections.deque(op for op in self._queue if id(op) not in sent)
+
+    def _refuse(self, ops: list[tuple], error: Exception) -> None:
+        """A call the store refused: when it merged several ops, they are tried one by one to find the one
+        at fault (the others go through); a single refused op is dropped, kept in `refused` and reported."""
+        if len(ops) > 1:
+            self._one_at_a_time = True
+            return
+        self.refused.append((ops[0], first_line(error)))
+        log.warning("MLflow refused a logging call (%s); it is dropped", first_line(error))
+        self._drop(ops)
 
     def _linger(self) -> None:
         """Let the results of the next LINGER_S gather (lock held) so that they go out as one call per run."""
@@ -251,7 +305,7 @@ class MlflowTrialTracker(Callback):
         """The ops of the next MLflow call (lock held): the head op, and when it is a "log", every queued "log"
         of the same run before the queue's next other op, as far as one log_batch takes them."""
         head = self._queue[0]
-        if head[0] != "log":
+        if head[0] != "log" or self._one_at_a_time:
             return [head]
         ops, params, tags = [head], {p.key for p in head[3]}, {t.key for t in head[4]}
         counts = [len(head[2]), len(head[3]), len(head[4])]
@@ -277,7 +331,14 @@ class MlflowTrialTracker(Callback):
         if kind == "start":
             if trial_id not in self.runs:  # a trial restarted from its checkpoint keeps its run
                 self.runs.update(self._existing_run(trial_id))
-            if trial_id not in self.runs:
+            if trial_id in self.runs:  # continued after an interruption: running again, its outcome to come
+                run = self._client.get_run(self.runs[trial_id])
+                if run.info.status != "RUNNING":
+                    self._client.update_run(run.info.run_id, status="RUNNING")
+                for key in (OUTCOME_TAG, INTERRUPTED_TAG):
+                    if key in run.data.tags:
+                        self._client.delete_tag(run.info.run_id, key)
+            else:
                 run = self._client.create_run(
                     self.experiment_id, run_name=f"trial-{trial_id}",
                     tags={PARENT_TAG: self.parent_run_id, ROLE_TAG: "trial", SEARCH_TAG: self.search_name,

@@ -11,6 +11,7 @@ A trial whose loss turns NaN or infinite, or that runs out of GPU memory, ends t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from ray import tune
 from rekd.checkpoint import FILENAME
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
+from rekd.errors import UsageError
 from rekd.train import NonFiniteLoss, train
 
 STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom
@@ -32,12 +34,16 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
     # One line per epoch per trial saying a checkpoint was written drowns the driver's table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config, source="trial config")
-    run_dir = Path(tempfile.mkdtemp(prefix="rekd-trial-"))
+    # The working copy of the checkpoint lives in the trial's working folder (Tune makes it the current
+    # folder, inside Ray's session folder): a trial stopped by an interruption, which never reaches the
+    # `finally` below, leaves it there for Ray to clean up, not in the system's temp folder.
+    run_dir = Path(tempfile.mkdtemp(prefix="rekd-trial-", dir=os.getcwd()))
     try:
-        checkpoint = tune.get_checkpoint()
+        checkpoint, restored_from = tune.get_checkpoint(), ""
         if checkpoint is not None:
             with checkpoint.as_directory() as restored:
                 shutil.copy(Path(restored) / FILENAME, run_dir / FILENAME)
+            restored_from = f"{checkpoint.path}/{FILENAME}"
 
         last: dict = {}
 
@@ -51,6 +57,10 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
 
         try:
             train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=report, run_dir=run_dir)
+        except UsageError as e:  # e.g. a corrupt checkpoint: the message names the stored file, not its copy
+            if not restored_from:
+                raise
+            raise UsageError(str(e).replace(str(run_dir / FILENAME), restored_from)) from None
         except NonFiniteLoss:
             return  # reported with its reason above; the trial ends, the search goes on
         except torch.OutOfMemoryError as e:
@@ -61,3 +71,4 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
             tune.report({"epoch": last.get("epoch", 0), STOP_REASON: "cuda_oom", STOP_DETAIL: detail[:300]})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+

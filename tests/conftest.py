@@ -1,6 +1,8 @@
 """Shared fixtures: a cache folder per test session, and small datasets in their real on-disk layouts."""
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,12 @@ def cifar_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dvs_root(tmp_path_factory) -> Path:
     return make_dvsgesture_folder(tmp_path_factory.mktemp("dvs"))
+
+
+@pytest.fixture
+def own_tmp():
+    """A temp folder of the search's own, so that what it leaves there can be seen (short: Ray's socket
+    paths inside it must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="ri-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,83 @@
+"""File locks that name their holder: one driver per search, one creator per MLflow store.
+
+They are `flock` locks on a file: the kernel releases them when the holder's process ends in any way
+(SIGKILL included), so a dead driver never leaves a stale lock behind. While held, the file says who
+holds it (PID, host, command), which is what a refused second process tells its user.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+class Held(Exception):
+    """The lock is held by another process; `holder` describes it."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+class FileLock:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fd: Optional[int] = None
+
+    def acquire(self, timeout: float = 0.0, waiting=None) -> "FileLock":
+        """Take the lock, waiting up to `timeout` seconds; raises Held with the holder if it stays taken.
+        `waiting(holder)` is called once if the lock is not free at the first try."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline, told = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise Held(self.path, describe_holder(self.path)) from None
+                if waiting is not None and not told:
+                    waiting(describe_holder(self.path))
+                    told = True
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": " ".join(sys.argv)[:300], "since": time.time()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # a reader after this sees no holder
+        except OSError:  # the folder may have become unwritable: the lock still goes with the fd
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe_holder(path: Path) -> str:
+    """`PID 123 on host h (python -m ...)`, read from the lock file; the holder writes it just after locking."""
+    for _ in range(20):
+        try:
+            info = json.loads(path.read_text() or "null")
+        except (OSError, ValueError):
+            info = None
+        if info:
+            return f"PID {info.get('pid')} on host {info.get('host')}"
+        time.sleep(0.05)
+    return "another process (it has not written its PID yet)"

@@ -1,0 +1,172 @@
+"""Where a command's MLflow store is: checked at the edge, and opened by one creator at a time.
+
+A tracking URI is checked before anything is written, so a typo costs one line and leaves nothing behind:
+MLflow itself would make the folders of a SQLite path, keep an in-memory store that vanishes with the
+process, or refuse `file:` stores with a 40-line traceback. Opening a SQLite store is serialized by a lock
+file beside it: MLflow creates and migrates the schema the first time a client opens a store, and two
+processes doing that at once break the store for good (alembic's "Online migration expected to match one
+row", then "table _alembic_tmp_experiments already exists" on every later open).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+from urllib.parse import urlsplit
+
+from rekd.errors import UsageError
+from rekd.locks import FileLock, Held
+
+if TYPE_CHECKING:  # importing MLflow takes seconds: the checks run without it
+    from mlflow.tracking import MlflowClient
+
+ALLOWED = "sqlite:////ABSOLUTE/PATH/mlflow.db, http(s)://HOST[:PORT], databricks or databricks://PROFILE"
+ENV_VAR = "MLFLOW_TRACKING_URI"
+SQLITE_PREFIX = "sqlite:///"
+STORE_FILE = "mlflow.db"
+# Creating a fresh store takes a few seconds; a longer wait is worth a word about who is in the way.
+QUIET_WAIT_S = 2.0
+# Beyond this the holder is stuck rather than busy: better to say so than to wait forever.
+LOCK_WAIT_S = 300.0
+
+
+def resolve_tracking_uri(flag: Optional[str], default_folder: Path, flag_name: str = "--tracking-uri") -> str:
+    """The flag, else $MLFLOW_TRACKING_URI, else a SQLite store in `default_folder` (the results folder the
+    command creates itself); checked, so a bad value is one line before anything is written."""
+    default_folder = Path(default_folder).expanduser().resolve()
+    if flag is not None:
+        uri, source = flag, flag_name
+    elif os.environ.get(ENV_VAR):
+        uri, source = os.environ[ENV_VAR], ENV_VAR
+    else:
+        uri, source = f"{SQLITE_PREFIX}{default_folder / STORE_FILE}", "the default tracking URI"
+    return check_tracking_uri(uri, source, creatable=default_folder)
+
+
+def check_tracking_uri(uri: str, source: str, creatable: Optional[Path] = None) -> str:
+    """`uri` if it is a store rekd can use, else a UsageError naming it, `source` and what is allowed.
+
+    A SQLite file's folder must exist and be writable (SQLite writes its journal beside the file), unless it
+    lies inside `creatable`, a folder the command makes itself. Nothing is created here."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            host = urlsplit(uri).hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise refused(uri, source, "it is not a URL with a host")
+        return uri
+    if uri == "databricks" or (uri.startswith("databricks://") and len(uri) > len("databricks://")):
+        return uri
+    path = sqlite_path(uri)
+    if path is None:
+        raise refused(uri, source, unsupported_reason(uri))
+    check_sqlite_location(uri, source, path, creatable)
+    return uri
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a `sqlite:////absolute/path` URI; None for any other form (relative, in-memory, query)."""
+    if not uri.startswith(SQLITE_PREFIX + "/") or "?" in uri or "#" in uri:
+        return None
+    return Path(uri[len(SQLITE_PREFIX):])
+
+
+def unsupported_reason(uri: str) -> str:
+    if not uri.strip():
+        return "it is empty"
+    if uri.startswith("sqlite:"):
+        if uri in ("sqlite://", "sqlite:///", "sqlite:///:memory:"):
+            return "an in-memory store is lost when the command ends"
+        if "?" in uri or "#" in uri:
+            return "rekd takes a plain file path, without a query"
+        return "the path is not absolute, so the store would depend on the current folder"
+    if uri.startswith(("file:", "/", ".", "~")):
+        return "MLflow 3 refuses the file store (a plain path or file: URI)"
+    if uri == "databricks://":
+        return "it names no profile"
+    if ":" not in uri:
+        return "it is not a URI"
+    return f"rekd does not use {uri.split(':', 1)[0]!r} stores"
+
+
+def check_sqlite_location(uri: str, source: str, path: Path, creatable: Optional[Path]) -> None:
+    """The SQLite file can be opened, or created, without rekd creating any folder the user did not ask for."""
+    if path.is_dir():
+        raise refused(uri, source, f"{path} is a folder", f"a file path such as {path / STORE_FILE}")
+    if path.exists() and not path.is_file():
+        raise refused(uri, source, f"{path} is not a regular file", "a SQLite database file")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise refused(uri, source, f"{existing} is not a folder", "a SQLite file in a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
+        raise refused(uri, source, f"{path if path.exists() else existing} is not writable",
+                      "a SQLite file in a writable folder")
+    if existing != path.parent and (creatable is None or not inside(path.parent, creatable)):
+        where = "" if creatable is None else f" or inside the results folder {Path(creatable).resolve()}"
+        raise refused(uri, source, f"folder {path.parent} does not exist",
+                      f"a SQLite file in an existing writable folder{where}")
+
+
+def inside(folder: Path, parent: Path) -> bool:
+    folder, parent = folder.resolve(), Path(parent).resolve()
+    return folder == parent or parent in folder.parents
+
+
+def refused(uri: str, source: str, reason: str, allowed: str = ALLOWED) -> UsageError:
+    return UsageError(f"{source} {redacted(uri)!r} is not allowed: {reason}; allowed: {allowed}")
+
+
+def redacted(uri: str) -> str:
+    """The URI as it may be printed: a password in it is masked."""
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        return uri
+    return uri.replace(f":{password}@", ":***@", 1) if password else uri
+
+
+def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    """A client of the (checked) store `uri` and the id of `experiment`, created if missing.
+
+    A SQLite store is opened under an exclusive lock on `<store>.lock`, so that only one process at a time
+    creates or migrates its schema; a tracking server serializes that itself."""
+    path = sqlite_path(uri)
+    if path is None:
+        return connect(uri, experiment)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"MLflow store {path}: {path.parent} cannot be created ({e.strerror or e})") from None
+    with hold(Path(f"{path}.lock"), path):
+        return connect(uri, experiment)
+
+
+def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
+    from rekd.tracking import client_for, ensure_experiment, first_line
+
+    try:
+        client = client_for(uri)  # MLflow opens the store here: a new SQLite store gets its schema now
+    except Exception as e:  # a broken store, an unusable URI
+        raise UsageError(f"MLflow tracking store {redacted(uri)!r} cannot be used: {first_line(e)}") from None
+    return client, ensure_experiment(client, experiment)
+
+
+def hold(lock_path: Path, store: Path) -> FileLock:
+    """The store's lock, taken; after QUIET_WAIT_S says once who holds it, after LOCK_WAIT_S gives up."""
+    lock = FileLock(lock_path)
+    try:
+        try:
+            return lock.acquire(QUIET_WAIT_S)
+        except Held as held:
+            print(f"waiting for {held.holder} to finish opening the MLflow store {store} (lock {lock_path})",
+                  file=sys.stderr, flush=True)
+        return lock.acquire(LOCK_WAIT_S)
+    except Held as held:
+        raise UsageError(f"MLflow store {store}: {held.holder} has held {lock_path} for over {LOCK_WAIT_S:.0f} s; "
+                         "end that process or try again when it has finished") from None
+    except OSError as e:
+        raise UsageError(f"MLflow store {store}: {lock_path} cannot be written ({e.strerror or e})") from None

@@ -1,0 +1,95 @@
+"""Interruption is an outcome: Ctrl-C (SIGINT, to the whole process group as a terminal sends it) and
+SIGTERM (what `ray job stop`, Kubernetes and Slurm send) end a search as interrupted - runs KILLED,
+Optuna trials closed, no temp folder left, the exact --resume command printed, exit 130 / 143 - a
+second signal aborts within seconds, and the printed --resume finishes the search with a summary of
+the whole of it."""
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from searches import finish, optuna_states, runs, start_search, wait_for_an_epoch
+
+pytestmark = pytest.mark.slow
+
+
+def assert_interrupted(tmp_path: Path, tmp: Path, name: str, signame: str) -> None:
+    client, parent, children = runs(tmp_path, name)
+    assert parent.info.status == "KILLED" and parent.data.tags["rekd.outcome"] == "interrupted"
+    assert parent.data.tags["rekd.interrupted_by"] == signame
+    assert parent.data.metrics["trials_interrupted"] >= 1  # the summary says so, with the counts so far
+    assert "best.alpha" not in parent.data.params  # a provisional summary: no params MLflow would not let change
+    assert children and not [c for c in children if c.info.status == "RUNNING"]
+    stopped = [c for c in children if c.data.tags.get("rekd.outcome") == "interrupted"]
+    assert stopped and all(c.info.status == "KILLED" for c in stopped)
+    assert optuna.trial.TrialState.RUNNING not in optuna_states(tmp_path, name)
+    assert not list(tmp.glob("rekd-*")), list(tmp.iterdir())
+
+
+def test_ctrl_c_interrupts_the_search_and_the_printed_resume_finishes_it(tmp_path, own_tmp):
+    proc, env = start_search(tmp_path, own_tmp, "ctrl-c")
+    wait_for_an_epoch(proc, tmp_path, "ctrl-c")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    code, out, err = finish(proc, timeout=120)
+    assert code == 130, err[-3000:]
+    assert "search ctrl-c interrupted" in out and "interrupted" in out.split("search ctrl-c interrupted")[1]
+    assert "Tuner.restore" not in out + err.split("continue it with")[-1]
+    *_, announce, command = err.strip().splitlines()
+    assert "interrupted (SIGINT); continue it with" in announce
+    assert_interrupted(tmp_path, own_tmp, "ctrl-c", "SIGINT")
+
+    # the command exactly as printed, from another folder
+    resumed = subprocess.run(shlex.split(command), capture_output=True, text=True, cwd=tmp_path, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "refused" not in resumed.stderr and "Changing param values" not in resumed.stderr
+    client, parent, children = runs(tmp_path, "ctrl-c")
+    assert parent.info.status == "FINISHED" and parent.data.tags["rekd.outcome"] == "finished"
+    metrics = parent.data.metrics
+    assert metrics["trials_interrupted"] == 0 and metrics["trials_not_started"] == 0
+    assert metrics["trials_completed"] + metrics["trials_stopped_early"] == 4  # the whole search
+    assert "best.alpha" in parent.data.params and "rekd.interrupted_by" not in parent.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert {"summary/summary.json", "summary/optimization_history.png"} <= artifacts
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 4 and all(c.data.tags["rekd.outcome"] in ("completed", "stopped_early") for c in finished)
+    assert not [c for c in children if c.info.status == "RUNNING"]
+    for child in finished:  # continued where the interruption left it: no gap, no epoch twice
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1))
+        assert "rekd.interrupted_by" not in child.data.tags
+    states = optuna_states(tmp_path, "ctrl-c")
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert len([s for s in states if s in done]) == 4 and optuna.trial.TrialState.RUNNING not in states
+
+
+def test_sigterm_interrupts_the_search_with_status_143(tmp_path, own_tmp):
+    proc, _ = start_search(tmp_path, own_tmp, "term")
+    wait_for_an_epoch(proc, tmp_path, "term")
+    os.kill(proc.pid, signal.SIGTERM)  # to the driver alone, as `ray job stop` or a batch system does
+    code, out, err = finish(proc, timeout=120)
+    assert code == 143, err[-3000:]
+    assert "SIGTERM received at time" not in err  # not Ray's own handler
+    assert "--resume term --storage-path" in err.strip().splitlines()[-1]
+    assert_interrupted(tmp_path, own_tmp, "term", "SIGTERM")
+
+
+def test_a_second_ctrl_c_aborts_within_seconds_and_still_closes_the_runs(tmp_path, own_tmp):
+    proc, _ = start_search(tmp_path, own_tmp, "twice")
+    wait_for_an_epoch(proc, tmp_path, "twice")
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)  # signals sent closer together may reach the handler as one
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.monotonic()
+    code, out, err = finish(proc, timeout=120)
+    took = time.monotonic() - start
+    assert code == 130, err[-3000:]
+    assert "aborted" in err and "--resume twice" in err.strip().splitlines()[-1]
+    client, parent, children = runs(tmp_path, "twice")
+    assert parent.info.status == "KILLED" and not [c for c in children if c.info.status == "RUNNING"]
+    assert optuna.trial.TrialState.RUNNING not in optuna_states(tmp_path, "twice")
+    print(f"second Ctrl-C to exit: {took:.1f} s")  # seen, not asserted: timings are the benchmark's
