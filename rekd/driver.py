@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
 from rekd.interrupt import Interruption
-from rekd.ray_session import start_ray
+from rekd.ray_session import start_ray, stop_ray
 from rekd.search import PROG as PROG_NAME, SearchPlan, build_parser, teacher_weights_for
 from rekd.search_report import summarize
 from rekd.storage_watch import StorageWatch, storage_error
@@ -69,8 +69,11 @@ def progress_table(study):
     )
 
 
-def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str) -> int:
-    """Run the search to its end, its interruption (exit status 130 or 143) or its failure."""
+def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str,
+               owns_ray: bool = False) -> int:
+    """Run the search to its end, its interruption (exit status 130 or 143) or its failure. With `owns_ray`
+    (the command line's private or joined Ray, not a caller's), Ray is shut down before the last lines are
+    printed: its workers' forwarded logs would otherwise come after them."""
     import ray
 
     study = plan.study
@@ -89,7 +92,7 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
                   file=sys.stderr)
             return interruption.exit_status
         parent_id = open_parent(plan, client, experiment_id)
-        search = Search(plan, client, experiment_id, parent_id)
+        search = Search(plan, client, experiment_id, parent_id, owns_ray)
         try:
             tuner = search.tuner(data, teacher, resources)
             interruption.tune_running = True
@@ -127,8 +130,9 @@ def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> s
 class Search:
     """One run of the Tuner and how it ends: finished, interrupted, or failed."""
 
-    def __init__(self, plan: SearchPlan, client: MlflowClient, experiment_id: str, parent_id: str):
+    def __init__(self, plan: SearchPlan, client: MlflowClient, experiment_id: str, parent_id: str, owns_ray: bool):
         self.plan, self.client, self.experiment_id, self.parent_id = plan, client, experiment_id, parent_id
+        self.owns_ray = owns_ray
         self.experiment_dir = plan.storage_path / plan.name
         self.optuna_url = f"sqlite:///{self.experiment_dir / OPTUNA_FILE}"
         self.tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, plan.study.epochs)
@@ -188,6 +192,7 @@ class Search:
         summary.log_to(tracker, final=not interrupted)
         tracker.end_parent("KILLED" if interrupted else "FINISHED")
         unsent = tracker.close(timeout=INTERRUPTED_GRACE_S if interrupted else UNSENT_GRACE_S)
+        self.release_ray()
         summary.print(plan, self.parent_id)
         report_unsent(unsent, self.experiment_dir)
         report_refused(tracker)
@@ -215,6 +220,10 @@ class Search:
                   file=sys.stderr)
         return stopped
 
+    def release_ray(self) -> None:
+        if self.owns_ray:
+            stop_ray()
+
     def abort(self, error: BaseException, interruption: Interruption) -> int:
         """Tune raised: a second signal (abort), a results folder that became unwritable, or a bug."""
         plan, tracker = self.plan, self.tracker
@@ -222,6 +231,7 @@ class Search:
             self.close_unfinished(interruption)
             tracker.end_parent("KILLED")
             report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)
+            self.release_ray()
             print(f"{PROG_NAME}: search {plan.name} aborted ({interruption.name} twice); continue it with\n"
                   f"  {resume_command(plan)}", file=sys.stderr)
             return interruption.exit_status
@@ -234,6 +244,7 @@ class Search:
         report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)
         if storage is None:
             raise error
+        self.release_ray()
         print(f"{PROG_NAME}: error: search {plan.name} failed: {reason}", file=sys.stderr)
         return 1
 

@@ -176,7 +176,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_from_args(args, argv)
     data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
+    from rekd.ray_session import start_ray
     from rekd.tracking_store import open_store
+
+    start_ray()  # a cluster address that does not answer stops here, before anything is written
 
     client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
     folder = plan.storage_path / plan.name
@@ -188,7 +191,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rekd.driver import run_search
 
     try:
-        return run_search(plan, data, client, experiment_id)
+        return run_search(plan, data, client, experiment_id, owns_ray=True)
     finally:
         if plan.resume or (folder / STATE_FILE).exists():
             lock.release()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import time
 from pathlib import Path
 
 from ray.tune import Callback
 
 STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+SQLITE_STORAGE_ERRORS = ("readonly database", "unable to open database file", "disk is full", "disk I/O error")
 EVERY_S = 2.0
 
 
@@ -48,10 +50,13 @@ class StorageWatch(Callback):
 
 
 def storage_error(error: BaseException) -> str | None:
-    """What made the results unwritable, in a few words, if that is what `error` (or its cause) is."""
+    """What made the results unwritable, in a few words, if that is what `error` (or its cause) is: an
+    OSError of writing, or SQLite's word for it (the Optuna study lives in the results folder)."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             return f"{seen.strerror} ({seen.filename})" if seen.filename else (seen.strerror or str(seen))
+        if isinstance(seen, sqlite3.OperationalError) and any(m in str(seen) for m in SQLITE_STORAGE_ERRORS):
+            return f"{seen} (the Optuna study)"
         seen = seen.__cause__ or seen.__context__
     return None
