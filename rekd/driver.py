@@ -227,7 +227,7 @@ class Search:
     def abort(self, error: BaseException, interruption: Interruption) -> int:
         """Tune raised: a second signal (abort), a results folder that became unwritable, or a bug."""
         plan, tracker = self.plan, self.tracker
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, KeyboardInterrupt) or interruption.aborted:
             self.close_unfinished(interruption)
             tracker.end_parent("KILLED")
             report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)

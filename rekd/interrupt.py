@@ -21,6 +21,7 @@ class Interruption:
         self.prog = prog
         self.signum: Optional[int] = None  # the first signal received
         self.tune_running = False  # whether Tune's loop is there to stop cleanly
+        self.aborted = False  # a signal raised KeyboardInterrupt
         self._previous: dict = {}
 
     def __enter__(self) -> "Interruption":
@@ -44,6 +45,7 @@ class Interruption:
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None or not self.tune_running or not callable(signal.getsignal(signal.SIGUSR1)):
             self.signum = self.signum or signum
+            self.aborted = True  # KeyboardInterrupt may reach the driver wrapped (raised inside an import, say)
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{self.prog}: {self.name} received: stopping the trials at their last checkpoint "

@@ -73,10 +73,29 @@ def stop_ray() -> None:
         _private_dir = None
 
 
+def check_cluster_address() -> None:
+    """RAY_ADDRESS, when set, names a Ray that answers: checked in seconds, before a command writes anything."""
+    address = os.environ.get(ENV, "").strip()
+    if address:
+        cluster_target(address)
+
+
 def join_cluster(address: str) -> None:
     """Join the cluster at `address` once it answers there, in bounded time; else UsageError (one line)."""
     import ray
 
+    target, named = cluster_target(address)
+    try:
+        ray.init(address=target, log_to_driver=True)
+    except ConnectionError as e:  # a gRPC server, but not a Ray that lets us in
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{named}: {first}; check that it is a Ray GCS or Ray Client address and, for a "
+                         "cluster with token authentication, that RAY_AUTH_MODE=token and its token are set; "
+                         f"or unset {ENV} to run on a private Ray") from e
+
+
+def cluster_target(address: str) -> tuple[str, str]:
+    """The address to join and how to name it in a message, once something that speaks gRPC answers there."""
     target = recorded_cluster() if address == "auto" else address
     named = f"{ENV}=auto (the cluster recorded at {target})" if address == "auto" else f"{ENV}={address}"
     host, port = cluster_endpoint(target, named)
@@ -92,13 +111,7 @@ def join_cluster(address: str) -> None:
     if not speaks_grpc(host, port):
         raise UsageError(f"{named}: {host}:{port} answers but is not a Ray GCS or Ray Client port "
                          f"(it does not speak gRPC); allowed: {ALLOWED}, or unset {ENV} to run on a private Ray")
-    try:
-        ray.init(address=target, log_to_driver=True)
-    except ConnectionError as e:  # a gRPC server, but not a Ray that lets us in
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{named}: {first}; check that it is a Ray GCS or Ray Client address and, for a "
-                         "cluster with token authentication, that RAY_AUTH_MODE=token and its token are set; "
-                         f"or unset {ENV} to run on a private Ray") from e
+    return target, named
 
 
 def cluster_endpoint(address: str, named: str) -> tuple[str, int]:

@@ -176,10 +176,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_from_args(args, argv)
     data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
-    from rekd.ray_session import start_ray
+    from rekd.ray_session import check_cluster_address
     from rekd.tracking_store import open_store
 
-    start_ray()  # a cluster address that does not answer stops here, before anything is written
+    check_cluster_address()  # a cluster that does not answer stops here, before anything is written
 
     client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
     folder = plan.storage_path / plan.name

@@ -59,6 +59,7 @@ def release_new(folder: Path, lock: FileLock) -> None:
 def write_state(folder: Path, argv: list[str], parent_run_id: str, experiment_id: str, tracking_uri: str,
                 default_store: bool) -> None:
     """What --resume needs. Paths are not stored: the folder may have moved, and the store with it."""
+    folder.mkdir(parents=True, exist_ok=True)  # claimed already by the command line; not by callers of run_search
     (folder / STATE_FILE).write_text(json.dumps(
         {"argv": argv, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
          "tracking_uri": DEFAULT_STORE if default_store else tracking_uri}, indent=2))

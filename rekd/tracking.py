@@ -383,12 +383,3 @@ def where_to_look(experiment: str, parent_run_id: str, tracking_uri: str) -> str
 def describe_unsent(ops: list) -> str:
     kinds = collections.Counter(op[0] for op in ops)
     return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-
-
-def tracking_uri_from(flag: Optional[str], storage_path: str) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store next to the results."""
-    if flag:
-        return flag
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{os.path.abspath(os.path.join(storage_path, 'mlflow.db'))}"

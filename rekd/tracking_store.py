@@ -10,7 +10,6 @@ row", then "table _alembic_tmp_experiments already exists" on every later open).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
@@ -162,8 +161,9 @@ def hold(lock_path: Path, store: Path) -> FileLock:
         try:
             return lock.acquire(QUIET_WAIT_S)
         except Held as held:
+            # progress, not an error: stdout, so that a refusal that follows stays the one line on stderr
             print(f"waiting for {held.holder} to finish opening the MLflow store {store} (lock {lock_path})",
-                  file=sys.stderr, flush=True)
+                  flush=True)
         return lock.acquire(LOCK_WAIT_S)
     except Held as held:
         raise UsageError(f"MLflow store {store}: {held.holder} has held {lock_path} for over {LOCK_WAIT_S:.0f} s; "

@@ -23,6 +23,10 @@ def assert_interrupted(tmp_path: Path, tmp: Path, name: str, signame: str) -> No
     assert parent.data.tags["rekd.interrupted_by"] == signame
     assert parent.data.metrics["trials_interrupted"] >= 1  # the summary says so, with the counts so far
     assert "best.alpha" not in parent.data.params  # a provisional summary: no params MLflow would not let change
+    metrics = parent.data.metrics
+    ended = sum(metrics[f"trials_{k}"] for k in ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom"))
+    assert metrics["epochs_budget"] == 6 * ended  # interrupted or never started trials are not savings
+    assert ended + metrics["trials_interrupted"] + metrics["trials_not_started"] == 4
     assert children and not [c for c in children if c.info.status == "RUNNING"]
     stopped = [c for c in children if c.data.tags.get("rekd.outcome") == "interrupted"]
     assert stopped and all(c.info.status == "KILLED" for c in stopped)

@@ -53,3 +53,39 @@ def test_an_experiment_created_by_another_search_in_the_meantime_is_used(tmp_pat
     client.get_experiment_by_name = look_then_lose_the_race
     experiment_id = ensure_experiment(client, "shared")
     assert experiment_id == other.get_experiment_by_name("shared").experiment_id
+
+
+def test_a_call_the_store_refuses_for_good_is_dropped_and_the_rest_of_its_batch_still_arrives(tmp_path):
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, "tracking")
+    parent = client.create_run(experiment_id).info.run_id
+    client.log_param(parent, "best.alpha", "0.1")  # logged by an earlier, interrupted driver
+    tracker = MlflowTrialTracker(uri, experiment_id, parent, "search", epochs=2)
+    tracker.log_parent(metrics=[Metric("trials_completed", 2.0, 1, 0)])
+    tracker.log_parent(params=[Param("best.alpha", "0.7")])  # MLflow never lets a param change: 400
+    tracker.log_parent(metrics=[Metric("best_val_acc", 0.9, 1, 0)])
+    tracker.end_parent("FINISHED")
+    start = time.monotonic()
+    assert tracker.close(timeout=60) == []
+    assert time.monotonic() - start < 20  # not retried as if the server were down (that waits up to 60 s)
+    assert [error for _, error in tracker.refused] and "best.alpha" in str(tracker.refused[0][0])
+    run = client.get_run(parent)
+    assert run.data.metrics == {"trials_completed": 2.0, "best_val_acc": 0.9}  # merged with it, sent without it
+    assert run.data.params["best.alpha"] == "0.1" and run.info.status == "FINISHED"
+    assert tracker.failures == 0
+
+
+def test_error_summary_finds_the_exception_in_tunes_failure_text():
+    from rekd.tracking import error_summary
+
+    text = ("Failure # 1 (occurred at 2026-11-27_21-22-50)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n"
+            "  File \"x.py\", line 3, in f\n    raise UsageError(msg)\n"
+            "rekd.errors.UsageError: checkpoint '/r/s/trial_1/checkpoint_000002/last.pt' is not a readable torch file\n")
+    assert error_summary(RuntimeError(text)) == ("rekd.errors.UsageError: checkpoint "
+                                                 "'/r/s/trial_1/checkpoint_000002/last.pt' is not a readable torch file")
+    assert error_summary(RuntimeError("plain message")) == "plain message"

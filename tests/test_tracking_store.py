@@ -213,5 +213,5 @@ def test_an_open_waits_for_the_holder_of_the_store_and_says_who_it_is(tmp_path, 
     started = time.monotonic()
     _, experiment_id = open_store(f"sqlite:///{store}", "exp")
     assert time.monotonic() - started >= 3.0 and experiment_id
-    err = capsys.readouterr().err
-    assert f"waiting for PID {os.getpid()} on host" in err and f"the MLflow store {store}" in err
+    out = capsys.readouterr().out
+    assert f"waiting for PID {os.getpid()} on host" in out and f"the MLflow store {store}" in out
