@@ -6,7 +6,6 @@ starts (two trials opening a new SQLite store at once race), and closed with the
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -252,8 +251,8 @@ class Search:
 def resume_command(plan: SearchPlan) -> str:
     """The exact command that continues this search, runnable as printed."""
     study = build_parser().parse_args(list(plan.argv)).study
-    python = "python" if shutil.which("python") and os.path.realpath(shutil.which("python")) == \
-        os.path.realpath(sys.executable) else sys.executable
+    # `python` only where it is this very interpreter (a venv's python links to a base one without rekd)
+    python = "python" if shutil.which("python") == sys.executable else sys.executable
     words = [python, "-m", "rekd.search", study, "--resume", plan.name, "--storage-path", str(plan.storage_path)]
     return " ".join(shlex.quote(w) for w in words)
 
