@@ -197,7 +197,7 @@ def test_four_processes_opening_a_brand_new_store_at_once_leave_it_healthy(tmp_p
     for p in procs:
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-2000:]
-        ids.append(out.strip())
+        ids.append(out.strip().splitlines()[-1])  # after any "waiting for" progress line
     assert len(set(ids)) == n
     client, experiment_id = open_store(uri, "exp-0")  # a fifth open of the same store
     assert experiment_id == ids[0]
