@@ -6,6 +6,7 @@ starts (two trials opening a new SQLite store at once race), and closed with the
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -68,6 +69,14 @@ def progress_table(study):
     )
 
 
+class WithoutTunesResumeHint(logging.Filter):
+    """Tune ends an interrupted run with `Resume experiment with: Tuner.restore(...)`, a Python API call; the
+    driver prints the rekd command that does it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
 def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str,
                owns_ray: bool = False) -> int:
     """Run the search to its end, its interruption (exit status 130 or 143) or its failure. With `owns_ray`
@@ -77,6 +86,9 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
 
     study = plan.study
     start_ray()
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, WithoutTunesResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(WithoutTunesResumeHint())
     with Interruption(PROG_NAME) as interruption:
         try:
             has_gpus = ray.cluster_resources().get("GPU", 0) > 0

@@ -195,7 +195,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
         assert child.data.tags["rekd.outcome"] in ("completed", "stopped_early")
 
 
-def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tmp_path):
+def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tmp_path, own_tmp):
     import signal
     import subprocess
     import time
@@ -203,7 +203,8 @@ def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tm
     common = ["--tracking-uri", uri, "--storage-path", str(tmp_path / "r")]
     first = subprocess.Popen(
         [sys.executable, "-m", "rekd.search", "default_kd", "--smoke-test", "--num-samples", "6", "--epochs", "3",
-         "--name", "resumed", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+         "--name", "resumed", *common], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(own_tmp)})  # a killed driver cannot remove its private Ray's folder
     before = {}
     try:
         deadline = time.monotonic() + 300
