@@ -29,11 +29,10 @@ class FileLock:
         self.path = Path(path)
         self._fd: Optional[int] = None
 
-    def acquire(self, timeout: float = 0.0, waiting=None) -> "FileLock":
-        """Take the lock, waiting up to `timeout` seconds; raises Held with the holder if it stays taken.
-        `waiting(holder)` is called once if the lock is not free at the first try."""
+    def acquire(self, timeout: float = 0.0) -> "FileLock":
+        """Take the lock, waiting up to `timeout` seconds; raises Held with the holder if it stays taken."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline, told = time.monotonic() + timeout, False
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,9 +41,6 @@ class FileLock:
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise Held(self.path, describe_holder(self.path)) from None
-                if waiting is not None and not told:
-                    waiting(describe_holder(self.path))
-                    told = True
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -71,7 +67,7 @@ class FileLock:
 
 
 def describe_holder(path: Path) -> str:
-    """`PID 123 on host h (python -m ...)`, read from the lock file; the holder writes it just after locking."""
+    """`PID 123 on host h`, read from the lock file; the holder writes it just after locking."""
     for _ in range(20):
         try:
             info = json.loads(path.read_text() or "null")

@@ -42,6 +42,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}  # a dashboard behind a proxy may lea
 ALLOWED = "host:port, ray://host:port, http(s)://host[:port] or auto"
 FIX = f"start that cluster, or unset {ENV} to run on a private Ray"
 
+MAX_TEMP_ROOT = 20  # characters of the temp root that Ray's socket paths leave room for
 _private_dir: Optional[str] = None  # the 0700 folder holding the private Ray's temp folder, while it runs
 _cleanup_registered = False
 
@@ -178,12 +179,9 @@ def start_private_ray() -> None:
     global _private_dir, _cleanup_registered
     import ray
 
-    # Ray makes its temp folders mode 0777 (ray._common.utils.try_to_create_directory): it gets a subfolder
-    # of a 0700 folder, so no other user reaches its sockets and logs. Short names: Ray's unix socket paths
-    # (<temp>/session_<time>_<pid>/sockets/plasma_store) must stay under 108 bytes.
     if _private_dir is not None:  # the folder of an earlier private Ray ended by a bare ray.shutdown()
         remove_folder(_private_dir)
-    _private_dir = tempfile.mkdtemp(prefix="rekd-ray-")
+    _private_dir, temp_dir = private_temp_folder()
     if not _cleanup_registered:
         # Registered after ray's own atexit shutdown, so it runs before it (atexit is LIFO): stop_ray shuts
         # Ray down first, then removes the folder. Ray's SIGTERM handler exits through atexit too.
@@ -192,10 +190,22 @@ def start_private_ray() -> None:
     try:
         # address="local": never the cluster recorded in ray_current_cluster, never RAY_ADDRESS.
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
-                 _temp_dir=os.path.join(_private_dir, "r"))
+                 _temp_dir=temp_dir)
     except BaseException:
         stop_ray()
         raise
+
+
+def private_temp_folder() -> tuple[str, str]:
+    """(a new 0700 folder, the temp folder for Ray inside it). Ray makes its temp folders mode 0777
+    (ray._common.utils.try_to_create_directory): inside a 0700 folder no other user reaches its sockets,
+    logs or job files. Ray's unix socket paths (<temp>/session_<time>_<pid>/sockets/plasma_store) must stay
+    under 108 bytes, which leaves ~20 for the temp root: a longer $TMPDIR gives way to /tmp."""
+    root = tempfile.gettempdir()
+    if len(root) > MAX_TEMP_ROOT and os.access("/tmp", os.W_OK | os.X_OK):
+        root = "/tmp"
+    parent = tempfile.mkdtemp(prefix="rekd-ray-", dir=root)
+    return parent, os.path.join(parent, "r")
 
 
 def remove_folder(path: str, attempts: int = 10) -> None:

@@ -60,7 +60,8 @@ class Summary:
         params = [Param(f"best.{k}", str(v)) for k, v in sorted(self.best.params.items())] \
             if self.best and final else []
         tags = [RunTag("rekd.best_trial", self.best.trial_id)] if self.best else []
-        tags.append(RunTag(OUTCOME_TAG, "finished" if final else "interrupted"))
+        if final:  # an interruption tags the parent itself (rekd.driver), summary or not
+            tags.append(RunTag(OUTCOME_TAG, "finished"))
         now = int(time.time() * 1000)
         tracker.log_parent(metrics=[Metric(k, v, now, 0) for k, v in self.metrics().items()], params=params, tags=tags)
         for path in self.artifacts:
@@ -111,8 +112,8 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path, interrupted:
     for result in results:
         last = result.metrics or {}
         epochs = int(last.get("epoch", 0))
-        trial_id = str(last.get("trial_id", result.path.rsplit("/", 1)[-1]))
-        if trial_id in interrupted or trial_name_of(result.path) in interrupted:
+        trial_id = str(last.get("trial_id") or trial_name_of(result.path))
+        if trial_id in interrupted:
             outcome = "interrupted"
         elif result.error:
             outcome = "errored"

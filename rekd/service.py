@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Optional, Sequence
 
 from rekd.cli import Parser, run
 from rekd.errors import UsageError
+from rekd.ray_session import private_temp_folder
 
 PROG = "python -m rekd.service"
 HOST = "127.0.0.1"
@@ -125,12 +125,10 @@ def start(args, state_dir: Path) -> int:
     if not token_path.is_file():
         token_path.touch(mode=0o600)
         token_path.write_text(secrets.token_hex(32))
-    # Ray makes its temp folders mode 0777 (ray._common.utils.try_to_create_directory): it gets a subfolder
-    # of a 0700 folder, so no other user reaches its sockets, logs and job files. The folder stays under
-    # /tmp, not under state_dir: Ray's unix socket paths must stay under 108 bytes.
-    ray_temp_parent = tempfile.mkdtemp(prefix="rekd-ray-")
-    state = {"ray_temp_parent": ray_temp_parent, "ray_temp_dir": os.path.join(ray_temp_parent, "r"),
-             "token_path": str(token_path.resolve())}
+    # Ray's folder goes in a private folder under the temp root, not under state_dir: its socket paths
+    # must stay short.
+    ray_temp_parent, ray_temp_dir = private_temp_folder()
+    state = {"ray_temp_parent": ray_temp_parent, "ray_temp_dir": ray_temp_dir, "token_path": str(token_path.resolve())}
     try:
         wait_until_ready(args, state, launch(args, state_dir, state))
     except BaseException:  # a service that fails to start, or Ctrl-C, leaves no process, folder or state

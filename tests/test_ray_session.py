@@ -122,23 +122,26 @@ def test_an_address_where_nothing_answers_is_one_line_naming_ray_address(templat
     assert f"RAY_ADDRESS={address}" in message and "unset RAY_ADDRESS" in message and "\n" not in message
 
 
-def test_a_dashboard_address_that_answers_says_to_use_ray_job_submit():
+@pytest.fixture
+def answering_port():
+    """A loopback port that accepts TCP connections and says nothing (like a dashboard or MLflow port)."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(UsageError, match="ray job submit") as e:
-            join_cluster(address)
+        yield listener.getsockname()[1]
+
+
+def test_a_dashboard_address_that_answers_says_to_use_ray_job_submit(answering_port):
+    address = f"http://127.0.0.1:{answering_port}"
+    with pytest.raises(UsageError, match="ray job submit") as e:
+        join_cluster(address)
     assert f"RAY_ADDRESS={address}" in str(e.value)
 
 
-def test_a_port_that_answers_but_does_not_speak_grpc_is_refused_before_ray_init_retries_it_forever():
-    with socket.socket() as listener:  # like a dashboard or MLflow port given as host:port
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        address = f"127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(UsageError, match="is not a Ray GCS or Ray Client port") as e:
-            join_cluster(address)
+def test_a_port_that_answers_but_does_not_speak_grpc_is_refused_before_ray_init_retries_it_forever(answering_port):
+    address = f"127.0.0.1:{answering_port}"
+    with pytest.raises(UsageError, match="is not a Ray GCS or Ray Client port") as e:
+        join_cluster(address)
     assert f"RAY_ADDRESS={address}" in str(e.value)
 
 
