@@ -8,6 +8,7 @@ checked before Ray starts or anything is written.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -19,8 +20,9 @@ from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, load_dataset
 from rekd.errors import UsageError
-from rekd.search_state import (DEFAULT_STORE, check_parent_run, check_resumable, claim_existing, claim_new,
-                               default_store_uri, read_state, release_new, STATE_FILE)
+from rekd.locks import FileLock
+from rekd.search_state import (DEFAULT_STORE, STATE_FILE, check_parent_run, check_resumable, claim_existing,
+                               claim_new, default_store_uri, name_taken, read_state, release_new)
 from rekd.study import Study, load_study, parse_assignment
 from rekd.train import resolve
 
@@ -129,9 +131,8 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
     storage_path = Path(args.storage_path).expanduser().resolve()
     check_writable(storage_path)
     name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if must_be_new and (storage_path / name).exists():
-        raise UsageError(f"--name {name!r}: {storage_path / name} already exists; choose another name "
-                         f"or continue it with --resume {name}")
+    if must_be_new and args.name and (storage_path / name).exists():
+        raise name_taken(storage_path / name)
     argv = [*argv, "--name", name] if "--name" not in argv else list(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, storage_path)
     return SearchPlan(study, base, name, storage_path, tracking_uri, args.experiment or f"rekd-{study.name}",
@@ -167,6 +168,23 @@ def teacher_weights_for(base: TrainConfig, data: DataSplits, cpus: float, gpus: 
     return weights
 
 
+def claim_name(plan: SearchPlan, chosen: bool) -> tuple[SearchPlan, FileLock]:
+    """The new search's folder, claimed. A name the user chose is refused if taken; a default name (study and
+    start time) taken by a search started in the same second gets a suffix: two `make run` at once both run."""
+    base = plan.name
+    for n in itertools.count(2):
+        lock = claim_new(plan.storage_path / plan.name)
+        if lock is not None:
+            return plan, lock
+        if chosen:
+            raise name_taken(plan.storage_path / plan.name)
+        name = f"{base}-{n}"
+        argv = list(plan.argv)
+        argv[argv.index("--name") + 1] = name
+        plan = dataclasses.replace(plan, name=name, argv=tuple(argv))
+    raise AssertionError("unreachable")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(_main, PROG, argv)
 
@@ -182,12 +200,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     check_cluster_address()  # a cluster that does not answer stops here, before anything is written
 
     client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
-    folder = plan.storage_path / plan.name
     if plan.resume:
-        lock = claim_existing(folder)
+        lock = claim_existing(plan.storage_path / plan.name)
         check_parent_run(client, plan.resume, plan.name, plan.tracking_uri)
     else:
-        lock = claim_new(folder)
+        plan, lock = claim_name(plan, chosen=args.name is not None)
+    folder = plan.storage_path / plan.name
     from rekd.driver import run_search
 
     try:

@@ -30,15 +30,19 @@ def default_store_uri(storage_path: Path) -> str:
     return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
 
 
-def claim_new(folder: Path) -> FileLock:
-    """Create the folder of a new search and lock it; refused if it exists (another search has the name)."""
+def claim_new(folder: Path) -> Optional[FileLock]:
+    """Create the folder of a new search and lock it; None if it exists (another search has the name)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         folder.mkdir()
     except FileExistsError:
-        raise UsageError(f"--name {folder.name!r}: {folder} already exists (another search has this name); "
-                         f"choose another name or continue it with --resume {folder.name}") from None
+        return None
     return FileLock(folder / LOCK_FILE).acquire()
+
+
+def name_taken(folder: Path) -> UsageError:
+    return UsageError(f"--name {folder.name!r}: {folder} already exists (another search has this name); "
+                      f"choose another name or continue it with --resume {folder.name}")
 
 
 def claim_existing(folder: Path) -> FileLock:

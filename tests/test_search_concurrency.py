@@ -55,3 +55,18 @@ def test_a_resume_while_the_search_runs_is_refused_naming_the_running_driver(tmp
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
         finish(proc, timeout=120)
+
+
+def test_a_default_name_taken_in_the_same_second_gets_a_suffix_and_a_chosen_one_is_refused(tmp_path):
+    from rekd.errors import UsageError
+    from rekd.search import build_parser, claim_name, plan_from_args
+
+    argv = ["default_kd", "--smoke-test", "--storage-path", str(tmp_path)]
+    plan = plan_from_args(build_parser().parse_args(argv), argv)
+    (tmp_path / plan.name).mkdir()  # another `make run` started this second
+    claimed, lock = claim_name(plan, chosen=False)
+    assert claimed.name == f"{plan.name}-2" and (tmp_path / claimed.name).is_dir()
+    assert claimed.argv[claimed.argv.index("--name") + 1] == claimed.name  # what --resume will rebuild
+    lock.release()
+    with pytest.raises(UsageError, match="already exists"):
+        claim_name(plan, chosen=True)
