@@ -5,15 +5,18 @@ by the search's metric, and writes their complete settings to a YAML file that r
 """
 from __future__ import annotations
 
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
 
-from rekd.cli import Parser, run
+from rekd.cli import Parser, python_command, run
 from rekd.config import FIELD_TYPES, TrainConfig, parse_value
 from rekd.errors import UsageError
+from rekd.ranking import RULE, rank_key
 
 PROG = "python -m rekd.best"
 
@@ -23,7 +26,8 @@ def build_parser() -> Parser:
     p.add_argument("experiment", help="the MLflow experiment of the search (rekd-<study> by default)")
     p.add_argument("--top", type=int, default=3, help="how many configurations (default 3)")
     p.add_argument("--out", default="best.yaml", help="the YAML file to write (default best.yaml)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else the store "
+                                          "./rekd-results/mlflow.db that searches run in this folder use)")
     p.add_argument("--search", help="the search's name (default: the newest search in the experiment)")
     p.add_argument("--include-stopped", action="store_true",
                    help="also rank trials ASHA stopped early (their metric is from a shorter budget)")
@@ -46,13 +50,25 @@ def find_search(client, experiment_id: str, name: Optional[str]):
     return runs[0]
 
 
+def describe_search(parent, experiment: str, newest: bool) -> str:
+    """The line that says which search the ranking comes from, and whether it ended."""
+    tags = parent.data.tags
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000))
+    outcome = tags.get("rekd.outcome", parent.info.status.lower())
+    trials = parent.data.params.get("num_samples", "?")
+    line = (f"search {tags.get('rekd.search', parent.info.run_name)} ({'the newest ' if newest else ''}in experiment "
+            f"{experiment!r}, started {started}, {trials} trials, {outcome}; parent run {parent.info.run_id})")
+    return line
+
+
 def best_trials(client, experiment_id: str, parent, top: int, include_stopped: bool) -> list[dict]:
     metric, mode = parent.data.params.get("metric", "val_acc"), parent.data.params.get("mode", "max")
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   max_results=10000)
     allowed = {"completed", "stopped_early"} if include_stopped else {"completed"}
     scored = [r for r in children if r.data.tags.get("rekd.outcome") in allowed and metric in r.data.metrics]
-    scored.sort(key=lambda r: r.data.metrics[metric], reverse=mode == "max")
+    scored.sort(key=lambda r: rank_key(r.data.tags["rekd.outcome"], r.data.metrics[metric],
+                                       r.data.tags.get("rekd.trial_id", r.info.run_id), mode))
     return [{
         "rank": rank,
         "run_id": r.info.run_id,
@@ -71,7 +87,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     import os
 
     from rekd.tracking import client_for, first_line
-    from rekd.tracking_store import check_tracking_uri, sqlite_path
+    from rekd.search_state import default_store_uri
+    from rekd.tracking_store import RESULTS_FOLDER, check_tracking_uri, sqlite_path
 
     args = build_parser().parse_args(argv)
     if args.top < 1:
@@ -81,7 +98,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
     else:
-        raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+        uri, source = default_store_uri(Path(RESULTS_FOLDER)), "the default store (no --tracking-uri or MLFLOW_TRACKING_URI)"
     store = sqlite_path(uri)
     if store is not None and not store.exists():
         # MLflow would create an empty store there; a typo must not leave a new database behind.
@@ -96,6 +113,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if experiment is None:
         raise UsageError(f"unknown experiment {args.experiment!r} in {uri}; allowed: {', '.join(sorted(names)) or 'none yet'}")
     parent = find_search(client, experiment.experiment_id, args.search)
+    print(describe_search(parent, args.experiment, args.search is None), flush=True)
+    if parent.data.tags.get("rekd.outcome", "finished") != "finished":
+        print(f"warning: search {parent.info.run_name} is {parent.data.tags['rekd.outcome']}, not finished: "
+              "its ranking covers only the trials it has so far", file=sys.stderr)
     configs = best_trials(client, experiment.experiment_id, parent, args.top, args.include_stopped)
     if not configs:
         raise UsageError(f"search {parent.info.run_name!r} has no {'finished' if args.include_stopped else 'completed'} "
@@ -105,6 +126,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "parent_run_id": parent.info.run_id, "tracking_uri": uri,
         "metric": parent.data.params.get("metric", "val_acc"), "mode": parent.data.params.get("mode", "max"),
         "searched": sorted(k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")),
+        "ranked_by": RULE,
         "configs": configs,
     }
     out = Path(args.out)
@@ -121,7 +143,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"#{c['rank']} {metric}={c[metric]:.4f} trial {c['trial_id']}: "
               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in searched.items()))
     print(f"wrote {len(configs)} configuration(s) of search {document['search']} to {out}; "
-          f"next: python -m rekd.final {out} --seeds 3")
+          f"next: {python_command()} -m rekd.final {shlex.quote(str(out))} --seeds 3")
     return 0
 
 

@@ -3,6 +3,8 @@ UsageError becomes that one line and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -35,3 +37,14 @@ def format_metrics(metrics: dict, keys: Sequence[str]) -> str:
             value = metrics[key]
             parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(parts)
+
+
+def python_command() -> str:
+    """How to name this interpreter in a command printed for the user to run next, so that it works as
+    printed: `python` only where that is this very interpreter (a venv's python links to a base one without
+    rekd's dependencies), else its path, relative to the current folder when it lies inside it."""
+    if shutil.which("python") == sys.executable:
+        return "python"
+    executable = os.path.abspath(sys.executable)  # not resolved: a venv's python is a link to the base one
+    relative = os.path.relpath(executable)
+    return relative if not relative.startswith("..") else executable

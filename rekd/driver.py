@@ -5,15 +5,14 @@ starts (two trials opening a new SQLite store at once race), and closed with the
 """
 from __future__ import annotations
 
-import json
 import logging
 import shlex
-import shutil
 import sys
 
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from rekd.cli import python_command
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
 from rekd.interrupt import Interruption
@@ -26,6 +25,7 @@ from rekd.searcher import ResumableOptunaSearch, close_unfinished, make_searcher
 from rekd.scheduler import ResumableASHA
 from rekd.tracking import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent,
                            first_line)
+from rekd.unsent import keep_unsent
 
 
 UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
@@ -58,15 +58,10 @@ def trial_name(trial) -> str:
 
 
 def progress_table(study):
-    """The table of running trials Tune prints while it works: the searched values and the metric."""
-    from ray.tune import CLIReporter
+    """The table of trials Tune prints while it works, in rekd's words (rekd.progress)."""
+    from rekd.progress import RekdProgress
 
-    return CLIReporter(
-        parameter_columns=[p.name for p in study.params],
-        metric_columns={"epoch": "epoch", study.metric: study.metric, "train_loss": "loss",
-                        "epoch_time_s": "s/epoch"},
-        max_report_frequency=10, sort_by_metric=True, metric=study.metric, mode=study.mode,
-    )
+    return RekdProgress(study)
 
 
 class WithoutTunesResumeHint(logging.Filter):
@@ -205,7 +200,7 @@ class Search:
         unsent = tracker.close(timeout=INTERRUPTED_GRACE_S if interrupted else UNSENT_GRACE_S)
         self.release_ray()
         summary.print(plan, self.parent_id)
-        report_unsent(unsent, self.experiment_dir)
+        report_unsent(unsent, self.experiment_dir, tracker)
         report_refused(tracker)
         sys.stdout.flush()
         if interrupted:
@@ -241,7 +236,7 @@ class Search:
         if isinstance(error, KeyboardInterrupt) or interruption.aborted:
             self.close_unfinished(interruption)
             tracker.end_parent("KILLED")
-            report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)
+            report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir, tracker)
             self.release_ray()
             print(f"{PROG_NAME}: search {plan.name} aborted ({interruption.name} twice); continue it with\n"
                   f"  {resume_command(plan)}", file=sys.stderr)
@@ -252,7 +247,7 @@ class Search:
         tracker.end_unfinished("search_failed", "FAILED", {"rekd.error": reason[:500]})
         tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "failed"), RunTag("rekd.error", reason[:500])])
         tracker.end_parent("FAILED")
-        report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir)
+        report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir, tracker)
         if storage is None:
             raise error
         self.release_ray()
@@ -263,9 +258,7 @@ class Search:
 def resume_command(plan: SearchPlan) -> str:
     """The exact command that continues this search, runnable as printed."""
     study = build_parser().parse_args(list(plan.argv)).study
-    # `python` only where it is this very interpreter (a venv's python links to a base one without rekd)
-    python = "python" if shutil.which("python") == sys.executable else sys.executable
-    words = [python, "-m", "rekd.search", study, "--resume", plan.name, "--storage-path", str(plan.storage_path)]
+    words = [python_command(), "-m", "rekd.search", study, "--resume", plan.name, "--storage-path", str(plan.storage_path)]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -288,15 +281,9 @@ def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, re
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def report_unsent(unsent: list, experiment_dir) -> None:
-    """Say clearly what never reached MLflow, and keep it in a file next to the results."""
+def report_unsent(unsent: list, experiment_dir, tracker: MlflowTrialTracker) -> None:
+    """Say clearly what never reached MLflow; it is kept next to the results with what sending it later needs."""
     if not unsent:
         return
-    path = experiment_dir / "mlflow-unsent.json"
-    try:
-        path.write_text(json.dumps(unsent, indent=1, default=lambda o: getattr(o, "__dict__", str(o))))
-        where = f"they are saved in {path}"
-    except OSError as e:  # the results folder itself may be what failed
-        where = f"they could not be saved ({e.strerror}: {path})"
     print(f"warning: the MLflow store stayed unreachable; {len(unsent)} logging calls were not made "
-          f"({describe_unsent(unsent)}); {where}", file=sys.stderr)
+          f"({describe_unsent(unsent)}); {keep_unsent(unsent, experiment_dir, tracker)}", file=sys.stderr)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.study import Study, load_study, parse_assignment
+from rekd.study import SMOKE_SUFFIX, Study, load_study, parse_assignment
 from rekd.train import resolve
 
 PROG = "python -m rekd.reproduce"
@@ -61,7 +61,9 @@ def build_parser() -> Parser:
                    help="folder for the tables, plot and raw numbers (default ./reproduce-results)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
-    p.add_argument("--experiment", default="rekd-reproduce", help="MLflow experiment (default rekd-reproduce)")
+    p.add_argument("--experiment", help="MLflow experiment (default rekd-reproduce; rekd-reproduce-smoke with --smoke-test)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what Ray, MLflow and Optuna log (always kept in the reproduction's driver.log)")
     p.add_argument("--smoke-test", action="store_true",
                    help=f"{SMOKE['epochs']} epochs x {SMOKE['seeds']} seeds, every ratio: about a minute on a CPU")
     return p
@@ -122,7 +124,7 @@ class ReproducePlan:
 
 def plan_from_args(args) -> ReproducePlan:
     from rekd.search import check_writable
-    from rekd.tracking_store import resolve_tracking_uri
+    from rekd.tracking_store import RESULTS_FOLDER, resolve_tracking_uri
 
     mode = TABLES[args.table]
     study = load_study(mode)
@@ -153,10 +155,12 @@ def plan_from_args(args) -> ReproducePlan:
                  f"are used here on {base.dataset}/{base.arch}",)
     out_dir = Path(args.out).expanduser().resolve()
     check_writable(out_dir, "--out")
-    tracking_uri = resolve_tracking_uri(args.tracking_uri, out_dir)  # the store goes in --out unless named
+    # One store for everything run in this folder (searches, their final runs, reproductions): one UI shows it all.
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, Path(RESULTS_FOLDER))
     name = unique_name(out_dir, f"{args.table}-{base.dataset}-{base.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     return ReproducePlan(args.table, base, tuple(range(n_seeds)), ratios, sources, out_dir, name,
-                         tracking_uri, args.experiment, study.cpus,
+                         tracking_uri, args.experiment or f"rekd-reproduce{SMOKE_SUFFIX if args.smoke_test else ''}",
+                         study.cpus,
                          study.gpus, args.best, notes)
 
 
@@ -229,9 +233,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     plan = plan_from_args(args)
     # Each seed carves its own validation split; a missing dataset stops here, before anything is written.
     data = {seed: load_dataset(dataclasses.replace(plan.base, seed=seed)) for seed in plan.seeds}
+    from rekd.library_log import LibraryLog
     from rekd.reproduce_run import execute
 
-    return execute(plan, data)
+    library_log = LibraryLog(verbose=args.verbose).apply()
+    try:
+        return execute(plan, data, library_log)
+    finally:
+        library_log.close()
 
 
 if __name__ == "__main__":

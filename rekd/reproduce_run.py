@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
+from rekd.library_log import LibraryLog
 from rekd.provenance import provenance
 from rekd.reproduce import ReproducePlan, RunSpec
 from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
@@ -60,9 +61,12 @@ def now_ms() -> int:
 
 
 # -- the driver -----------------------------------------------------------------------------------------------
-def execute(plan: ReproducePlan, data: dict[int, DataSplits]) -> int:
-    """Run the plan (data: each seed's splits), write the tables, and track it all in MLflow."""
+def execute(plan: ReproducePlan, data: dict[int, DataSplits], library_log: LibraryLog) -> int:
+    """Run the plan (data: each seed's splits), write the tables, and track it all in MLflow; what the
+    libraries log goes to driver.log in the reproduction's folder."""
     client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
+    (plan.out_dir / plan.name).mkdir(parents=True, exist_ok=True)
+    library_log.write_to(plan.out_dir / plan.name)
     parent_id = open_parent(client, experiment_id, plan)
     try:
         records = run_tasks(plan, data, client, experiment_id, parent_id)
@@ -182,7 +186,7 @@ def close_child(client, run_id: str, spec: RunSpec, result: dict) -> dict:
 def write_results(plan: ReproducePlan, records: list[dict], rows: list[Row]) -> tuple[str, list[Path]]:
     """table.md, table.csv, accuracy.png (table1), runs.json (per-seed raw numbers) and plan.json."""
     folder = plan.out_dir / plan.name
-    folder.mkdir(parents=True, exist_ok=False)
+    folder.mkdir(parents=True, exist_ok=True)  # made by execute() for its log
     b = plan.base
     table = markdown(rows, b.dataset, b.arch, caption(plan))
     files = [folder / "table.md", folder / "table.csv", folder / "runs.json", folder / "plan.json"]

@@ -21,16 +21,17 @@ from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, load_dataset
 from rekd.errors import UsageError
 from rekd.locks import FileLock
+from rekd.tracking_store import RESULTS_FOLDER
 from rekd.search_state import (DEFAULT_STORE, STATE_FILE, check_parent_run, check_resumable, claim_existing,
                                claim_new, default_store_uri, name_taken, read_state, release_new)
-from rekd.study import Study, load_study, parse_assignment
+from rekd.study import SMOKE_SUFFIX, Study, load_study, parse_assignment
 from rekd.train import resolve
 
 PROG = "python -m rekd.search"
 # Ray binds its processes to this machine's routable address unless told otherwise (ray 2.60).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# The classic reporter prints the columns chosen in rekd.driver.progress_table; the newer engine ignores them.
+# The classic engine prints with the reporter rekd passes (rekd.progress); the newer one ignores it.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # The driver handles SIGINT itself (rekd.interrupt): Tune's own handler would end the search as if it
 # had finished. SIGUSR1 stays Tune's: it is how the driver asks Tune to stop.
@@ -55,15 +56,17 @@ def build_parser() -> Parser:
     p.add_argument("--data-root", help="folder with cifar-100-python/ or DVSGesture/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix any TrainConfig setting for every trial (fixing a searched one removes it from the search)")
-    p.add_argument("--storage-path", default="rekd-results", metavar="DIR",
+    p.add_argument("--storage-path", default=RESULTS_FOLDER, metavar="DIR",
                    help="where Tune keeps trials, checkpoints and the Optuna study (default ./rekd-results)")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage-path>/mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment (default rekd-<study>)")
+    p.add_argument("--experiment", help="MLflow experiment (default rekd-<study>; rekd-<study>-smoke with --smoke-test)")
     p.add_argument("--name", help="name of this search (default <study>-<date>-<time>)")
     p.add_argument("--smoke-test", action="store_true", help="a few trials of one or two epochs (about a minute on a CPU)")
     p.add_argument("--resume", metavar="NAME",
                    help="continue the search NAME (in --storage-path) after its driver died: finished trials are kept")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show what Ray, Tune, MLflow and Optuna log (always kept in <storage-path>/<name>/driver.log)")
     p.add_argument("--stock-optuna", action="store_true",
                    help="record ASHA-stopped trials as Ray's OptunaSearch does (COMPLETE), for comparison")
     return p
@@ -135,8 +138,8 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
         raise name_taken(storage_path / name)
     argv = [*argv, "--name", name] if "--name" not in argv else list(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, storage_path)
-    return SearchPlan(study, base, name, storage_path, tracking_uri, args.experiment or f"rekd-{study.name}",
-                      args.stock_optuna, tuple(argv))
+    experiment = args.experiment or f"rekd-{study.name}{SMOKE_SUFFIX if args.smoke_test else ''}"
+    return SearchPlan(study, base, name, storage_path, tracking_uri, experiment, args.stock_optuna, tuple(argv))
 
 
 def check_writable(path: Path, flag: str = "--storage-path") -> None:
@@ -194,27 +197,33 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_from_args(args, argv)
     data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
+    from rekd.library_log import LibraryLog
     from rekd.ray_session import check_cluster_address
     from rekd.tracking_store import open_store
 
     check_cluster_address()  # a cluster that does not answer stops here, before anything is written
-
-    client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
-    if plan.resume:
-        lock = claim_existing(plan.storage_path / plan.name)
-        check_parent_run(client, plan.resume, plan.name, plan.tracking_uri)
-    else:
-        plan, lock = claim_name(plan, chosen=args.name is not None)
-    folder = plan.storage_path / plan.name
-    from rekd.driver import run_search
-
+    library_log = LibraryLog(verbose=args.verbose).apply()
     try:
-        return run_search(plan, data, client, experiment_id, owns_ray=True)
+        client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
+        if plan.resume:
+            lock = claim_existing(plan.storage_path / plan.name)
+            check_parent_run(client, plan.resume, plan.name, plan.tracking_uri)
+        else:
+            plan, lock = claim_name(plan, chosen=args.name is not None)
+        folder = plan.storage_path / plan.name
+        library_log.write_to(folder)
+        from rekd.driver import run_search
+
+        try:
+            return run_search(plan, data, client, experiment_id, owns_ray=True)
+        finally:
+            if plan.resume or (folder / STATE_FILE).exists():
+                lock.release()
+            else:  # stopped before the search recorded anything: no half-made search is left behind
+                library_log.close()
+                release_new(folder, lock)
     finally:
-        if plan.resume or (folder / STATE_FILE).exists():
-            lock.release()
-        else:  # stopped before the search recorded anything: no half-made search is left behind
-            release_new(folder, lock)
+        library_log.close()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
+from rekd.ranking import rank_key
 from rekd.tracking import OUTCOME_TAG, where_to_look
 
 OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "interrupted")
@@ -99,9 +100,8 @@ class Summary:
 
 
 def sort_key(mode: str):
-    """Completed trials (full budget) first, then best metric first; NaN last."""
-    sign = -1 if mode == "max" else 1
-    return lambda r: (r.outcome != "completed", not math.isfinite(r.value), sign * r.value if math.isfinite(r.value) else 0)
+    """rekd's one ranking rule (rekd.ranking) over summary rows."""
+    return lambda r: rank_key(r.outcome, r.value, r.trial_id, mode)
 
 
 def summarize(plan, results, optuna_url: str, experiment_dir: Path, interrupted: set[str] = frozenset()) -> Summary:

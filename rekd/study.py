@@ -28,6 +28,10 @@ TOP_KEYS = ("study", "description", "metric", "mode", "fixed", "params", "sample
             "max_concurrency", "resources", "smoke_test")
 SMOKE_KEYS = ("num_samples", "epochs", "teacher_epochs", "max_concurrency")
 
+# --smoke-test runs are tracked in an experiment of their own, rekd-<study>-smoke, so that nothing that looks
+# for "the newest search" ever takes a 2-epoch check for a real result.
+SMOKE_SUFFIX = "-smoke"
+
 
 @dataclass(frozen=True)
 class Param:

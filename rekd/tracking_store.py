@@ -10,6 +10,7 @@ row", then "table _alembic_tmp_experiments already exists" on every later open).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
@@ -24,6 +25,10 @@ ALLOWED = "sqlite:////ABSOLUTE/PATH/mlflow.db, http(s)://HOST[:PORT], databricks
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_PREFIX = "sqlite:///"
 STORE_FILE = "mlflow.db"
+# Every command run in a folder keeps its default store in ./rekd-results/mlflow.db: searches, their final
+# runs and reproductions are all seen in one UI.
+RESULTS_FOLDER = "rekd-results"
+ARTIFACTS_FOLDER = "artifacts"  # beside the store: <folder>/artifacts/<experiment>/<run id>/...
 # Creating a fresh store takes a few seconds; a longer wait is worth a word about who is in the way.
 QUIET_WAIT_S = 2.0
 # Beyond this the holder is stuck rather than busy: better to say so than to wait forever.
@@ -151,7 +156,19 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
         client = client_for(uri)  # MLflow opens the store here: a new SQLite store gets its schema now
     except Exception as e:  # a broken store, an unusable URI
         raise UsageError(f"MLflow tracking store {redacted(uri)!r} cannot be used: {first_line(e)}") from None
-    return client, ensure_experiment(client, experiment)
+    return client, ensure_experiment(client, experiment, artifact_location(uri, experiment))
+
+
+def artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment of a SQLite store keeps its artifacts: beside the store, in
+    `<store folder>/artifacts/<experiment>`. Without one MLflow's client writes them to `./mlruns` of
+    whatever folder the command runs in, mixing every store's experiments that share an id. A tracking
+    server decides for itself (`rekd.service` serves them from its own folder)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]", "_", experiment).lstrip(".") or "experiment"
+    return (path.parent.resolve() / ARTIFACTS_FOLDER / folder).as_uri()
 
 
 def hold(lock_path: Path, store: Path) -> FileLock:

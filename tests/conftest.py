@@ -10,6 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The session's own temp folder, for everything the tests and the commands they start put there (pytest's
+# tmp_path folders included): what is still in it at the end, beside pytest's folders, was left behind by
+# rekd or a library it runs, and fails the session. Short, for Ray's socket paths.
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="rekd-tests-", dir="/tmp"))
+os.environ["TMPDIR"] = str(SESSION_TMP)
+tempfile.tempdir = None  # re-read TMPDIR
+# Nothing may appear in the checkout either (MLflow's client once wrote artifacts to ./mlruns there).
+CHECKOUT = set(os.listdir(ROOT))
+TOOL_CACHES = {".pytest_cache", "__pycache__"}
+
 from rekd.datasets.synthetic import make_cifar100_folder, make_dvsgesture_folder  # noqa: E402
 
 
@@ -38,3 +48,14 @@ def own_tmp():
     path = Path(tempfile.mkdtemp(prefix="ri-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left_in_checkout = sorted(set(os.listdir(ROOT)) - CHECKOUT - TOOL_CACHES)
+    left_in_tmp = sorted(p.name for p in SESSION_TMP.iterdir() if not p.name.startswith("pytest-of-"))
+    if left_in_checkout or left_in_tmp:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nleft behind by the tests: in the checkout {left_in_checkout}, in the temp folder "
+              f"{SESSION_TMP} {left_in_tmp}", file=sys.stderr)
+    elif exitstatus == 0:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)

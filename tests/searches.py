@@ -11,7 +11,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENT = "rekd-default_kd"
+EXPERIMENT = "rekd-default_kd-smoke"  # --smoke-test searches are tracked apart
 SEARCH = ["default_kd", "--smoke-test", "--num-samples", "4", "--epochs", "6"]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from searches import finish, optuna_states, runs, start_search, wait_for_an_epoch
+from searches import EXPERIMENT, finish, optuna_states, runs, start_search, wait_for_an_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +69,10 @@ def test_ctrl_c_interrupts_the_search_and_the_printed_resume_finishes_it(tmp_pat
     states = optuna_states(tmp_path, "ctrl-c")
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     assert len([s for s in states if s in done]) == 4 and optuna.trial.TrialState.RUNNING not in states
+    # nothing left in the temp folder or in the folder it ran in; the plots lie beside the store
+    assert list(own_tmp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert list((tmp_path / "r" / "artifacts" / EXPERIMENT).glob("*/artifacts/summary/summary.json"))
 
 
 def test_sigterm_interrupts_the_search_with_status_143(tmp_path, own_tmp):

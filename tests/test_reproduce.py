@@ -238,7 +238,7 @@ def reproduce(table: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
 
 def tracked(uri: str) -> tuple:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("rekd-reproduce")
+    experiment = client.get_experiment_by_name("rekd-reproduce-smoke")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get("rekd.role") == "reproduce"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

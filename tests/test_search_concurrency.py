@@ -29,7 +29,7 @@ def test_first_searches_started_together_on_a_fresh_path_succeed_or_are_refused_
     assert len(lines) == 1 and "--name 'a'" in lines[0] and "already exists" in lines[0], refused[3]
     # the store is healthy: both searches are in it, each with its own parent and trials
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rekd-default_kd")
+    experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")
     assert sorted(p.data.tags["rekd.search"] for p in parents) == ["a", "b"]
     assert all(p.info.status == "FINISHED" for p in parents)

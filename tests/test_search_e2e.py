@@ -52,7 +52,7 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     assert "best config" in job.stdout and "early stopping saved" in job.stdout
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # the job tracked to the service's server by default
-    experiment = client.get_experiment_by_name("rekd-sparse_kd")
+    experiment = client.get_experiment_by_name("rekd-sparse_kd-smoke")
     parents = client.search_runs([experiment.experiment_id],
                                  filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'search'")
     assert len(parents) == 1
@@ -82,7 +82,7 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     assert len(pruned) == len(stopped) and all(t.intermediate_values for t in pruned)
 
     best_file = tmp_path / "best.yaml"
-    best = subprocess.run([sys.executable, "-m", "rekd.best", "rekd-sparse_kd", "--top", "2", "--out", str(best_file),
+    best = subprocess.run([sys.executable, "-m", "rekd.best", "rekd-sparse_kd-smoke", "--top", "2", "--out", str(best_file),
                            "--search", name], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert best.returncode == 0, best.stderr
     document = yaml.safe_load(best_file.read_text())
@@ -162,7 +162,7 @@ def test_two_searches_at_once_keep_their_runs_apart(service, tmp_path):
     outputs = [job.communicate(timeout=600)[0] for job in jobs]
     assert all(job.returncode == 0 for job in jobs), outputs[0][-2000:] + outputs[1][-2000:]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("rekd-baseline")
+    experiment = client.get_experiment_by_name("rekd-baseline-smoke")
     for name in ("twin-a", "twin-b"):
         parents = client.search_runs([experiment.experiment_id],
                                      filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'search'")

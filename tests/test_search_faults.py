@@ -116,7 +116,7 @@ def test_a_tracking_server_outage_delays_logging_but_loses_nothing(tmp_path):
         client = MlflowClient(uri)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # the outage starts once trials are being tracked
-            experiment = client.get_experiment_by_name("rekd-default_kd")
+            experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
             if experiment and client.search_runs([experiment.experiment_id],
                                                  filter_string="tags.`rekd.role` = 'trial'"):
                 break
@@ -134,7 +134,7 @@ def test_a_tracking_server_outage_delays_logging_but_loses_nothing(tmp_path):
     server = start_mlflow(port, store, tmp_path / "mlflow.log")
     try:
         client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("rekd-default_kd")
+        experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
         parent = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")[0]
         assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
         children = client.search_runs([experiment.experiment_id],
@@ -173,7 +173,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     try:
         deadline = time.monotonic() + 300
         while killed is None and time.monotonic() < deadline and search.poll() is None:
-            client, children = tracked_children(uri, "rekd-default_kd")
+            client, children = tracked_children(uri, "rekd-default_kd-smoke")
             if children and client.get_metric_history(children[0].info.run_id, "val_acc"):
                 workers = [p for p in descendants(search.pid) if "ImplicitFunc" in cmdline(p)]
                 if workers:
@@ -187,7 +187,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
             search.kill()
     assert killed is not None, "no trial process was found to kill"
     assert search.returncode == 0, output[-3000:]
-    client, children = tracked_children(uri, "rekd-default_kd")
+    client, children = tracked_children(uri, "rekd-default_kd-smoke")
     assert len(children) == 2  # the retried trial kept its run: no duplicate
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
@@ -209,7 +209,7 @@ def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tm
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and first.poll() is None:
-            client, children = tracked_children(uri, "rekd-default_kd")
+            client, children = tracked_children(uri, "rekd-default_kd-smoke")
             done = [c for c in children if "rekd.outcome" in c.data.tags]
             if len(done) >= 2:
                 ours = descendants(first.pid)
@@ -230,8 +230,8 @@ def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tm
     resumed = subprocess.run([sys.executable, "-m", "rekd.search", "default_kd", "--resume", "resumed", *common],
                              capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    client, children = tracked_children(uri, "rekd-default_kd")
-    experiment = client.get_experiment_by_name("rekd-default_kd")
+    client, children = tracked_children(uri, "rekd-default_kd-smoke")
+    experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")
     assert len(parents) == 1 and parents[0].data.tags.get("rekd.resumed") == "true"  # the parent run is reused
     assert parents[0].info.status == "FINISHED"

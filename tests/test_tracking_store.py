@@ -15,7 +15,7 @@ from rekd.final import main as final_main
 from rekd.locks import FileLock
 from rekd.reproduce import main as reproduce_main
 from rekd.search import main as search_main
-from rekd.tracking_store import check_tracking_uri, open_store, resolve_tracking_uri
+from rekd.tracking_store import artifact_location, check_tracking_uri, open_store, resolve_tracking_uri
 from usage import assert_usage_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,3 +215,23 @@ def test_an_open_waits_for_the_holder_of_the_store_and_says_who_it_is(tmp_path, 
     assert time.monotonic() - started >= 3.0 and experiment_id
     out = capsys.readouterr().out
     assert f"waiting for PID {os.getpid()} on host" in out and f"the MLflow store {store}" in out
+
+
+def test_an_experiment_of_a_sqlite_store_keeps_its_artifacts_beside_the_store_not_in_the_current_folder(
+        tmp_path, monkeypatch):
+    somewhere = tmp_path / "somewhere"
+    somewhere.mkdir()
+    monkeypatch.chdir(somewhere)
+    store = tmp_path / "results" / "mlflow.db"
+    client, experiment_id = open_store(f"sqlite:///{store}", "rekd-x y/z")
+    location = client.get_experiment(experiment_id).artifact_location
+    assert location == (tmp_path / "results" / "artifacts" / "rekd-x_y_z").as_uri()
+    run = client.create_run(experiment_id)
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+    client.log_artifact(run.info.run_id, str(plot), artifact_path="summary")
+    assert (tmp_path / "results" / "artifacts" / "rekd-x_y_z" / run.info.run_id / "artifacts" / "summary"
+            / "plot.png").read_bytes() == b"png"
+    assert list(somewhere.iterdir()) == []  # MLflow's default would have been ./mlruns here
+    # a tracking server chooses its artifact store itself
+    assert artifact_location("http://127.0.0.1:5000", "rekd-x") is None

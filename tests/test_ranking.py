@@ -1,0 +1,77 @@
+"""One ranking rule: the search's summary (and so its rekd.best_trial tag), rekd.best and what rekd.final and
+rekd.reproduce --best take from its file all name the same best trial, ties included."""
+import math
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Result
+
+from rekd.best import main as best_main
+from rekd.final import load_configs
+from rekd.ranking import rank_key
+from rekd.reproduce import best_config
+from rekd.search_report import summarize
+from rekd.study import load_study
+
+# (trial id, outcome, val_acc, confidence): three trials tie at the top, created in an order that is
+# neither the id order nor its reverse; a stopped trial has a higher value from a shorter budget.
+TRIALS = [("c3", "completed", 0.9931, 0.91), ("e5", "stopped_early", 0.9990, 0.95), ("a1", "completed", 0.9931, 0.92),
+          ("d4", "completed", 0.9861, 0.93), ("b2", "completed", 0.9931, 0.94), ("f6", "errored", math.nan, 0.96)]
+EXPECTED = ["a1", "b2", "c3", "d4", "e5", "f6"]
+
+
+def test_rank_key_puts_full_budget_first_then_the_metric_then_the_smaller_trial_id():
+    ranked = sorted(TRIALS, key=lambda t: rank_key(t[1], t[2], t[0], "max"))
+    assert [t[0] for t in ranked] == EXPECTED
+    lowest = sorted([("b", "completed", 0.2), ("a", "completed", 0.2), ("c", "completed", 0.1)],
+                    key=lambda t: rank_key(t[1], t[2], t[0], "min"))
+    assert [t[0] for t in lowest] == ["c", "a", "b"]
+    with pytest.raises(ValueError):
+        rank_key("completed", 0.5, "a", "maximize")
+
+
+def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tmp_path, capsys):
+    study = load_study("default_kd").smoke()
+    epochs = study.epochs
+    optuna.create_study(study_name="tied", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    results = [Result(metrics={"trial_id": tid, "epoch": epochs if outcome != "stopped_early" else 1,
+                               "config": {"confidence": conf, "temperature": 4.0, "alpha": 0.5},
+                               **({"val_acc": value} if math.isfinite(value) else {})},
+                      checkpoint=None, error=RuntimeError("x") if outcome == "errored" else None,
+                      path=str(tmp_path / f"trial_{tid}"))
+               for tid, outcome, value, conf in TRIALS]
+    plan = SimpleNamespace(study=study, name="tied")
+    summary = summarize(plan, results, f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path)
+    assert summary.best.trial_id == "a1"  # what the driver prints and tags as rekd.best_trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("rekd-default_kd", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment_id, run_name="tied", tags={"rekd.role": "search", "rekd.search": "tied",
+                                                                      "rekd.outcome": "finished"})
+    client.log_batch(parent.info.run_id, params=[Param("metric", "val_acc"), Param("mode", "max"),
+                                                 Param("num_samples", "6"), Param("space.confidence", "uniform")],
+                     tags=[RunTag("rekd.best_trial", summary.best.trial_id)])
+    for tid, outcome, value, conf in TRIALS:
+        child = client.create_run(experiment_id, run_name=f"trial-{tid}", tags={
+            "mlflow.parentRunId": parent.info.run_id, "rekd.role": "trial", "rekd.trial_id": tid, "rekd.outcome": outcome})
+        metrics = [Metric("val_acc", value, 0, 2)] if math.isfinite(value) else []
+        client.log_batch(child.info.run_id, metrics=metrics, params=[
+            Param("mode", "default_kd"), Param("confidence", str(conf)), Param("epochs", str(epochs))])
+    out = tmp_path / "best.yaml"
+    assert best_main(["rekd-default_kd", "--tracking-uri", uri, "--top", "5", "--out", str(out),
+                      "--include-stopped"]) == 0
+    printed = capsys.readouterr().out
+    assert "search tied (the newest in experiment 'rekd-default_kd'" in printed and "6 trials, finished" in printed
+    document = yaml.safe_load(out.read_text())
+    assert [c["trial_id"] for c in document["configs"]] == EXPECTED[:5]
+    assert document["configs"][0]["trial_id"] == client.get_run(parent.info.run_id).data.tags["rekd.best_trial"]
+    assert "smaller trial id" in document["ranked_by"]
+    # rekd.final trains the file's configs in its order; rekd.reproduce --best takes its first
+    _, configs = load_configs(str(out), None)
+    assert configs[0].confidence == pytest.approx(0.92)
+    assert best_config(str(out), "default_kd").confidence == pytest.approx(0.92)
