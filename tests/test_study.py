@@ -113,11 +113,10 @@ def test_an_unwritable_storage_path_is_refused(tmp_path, capsys):
     assert code == 2 and "cannot be written" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_set_of_a_searched_setting_fixes_it_and_flags_override_the_file():
+def test_set_of_a_searched_setting_fixes_it_and_flags_override_the_file(tmp_path):
     from rekd.search import build_parser, plan_from_args
-    import tempfile
     args = build_parser().parse_args(["sparse_kd", "--set", "prune_ratio=0.3", "--epochs", "3", "--num-samples", "5",
-                                      "--storage-path", tempfile.mkdtemp()])
+                                      "--storage-path", str(tmp_path)])
     plan = plan_from_args(args)
     assert "prune_ratio" not in {p.name for p in plan.study.params}
     assert plan.base.prune_ratio == 0.3 and plan.base.epochs == 3 and plan.base.teacher_epochs == 3
@@ -132,3 +131,39 @@ def test_studies_load_and_validate_without_importing_ray():
             "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv,experiment", [
+    (["sparse_kd"], "rekd-sparse_kd"),
+    (["sparse_kd", "--smoke-test"], "rekd-sparse_kd-smoke"),
+    (["default_kd", "--smoke-test", "--experiment", "mine"], "mine"),
+])
+def test_smoke_searches_are_tracked_in_an_experiment_of_their_own(argv, experiment, tmp_path, monkeypatch):
+    from rekd.search import build_parser, plan_from_args
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    plan = plan_from_args(build_parser().parse_args([*argv, "--storage-path", str(tmp_path)]))
+    assert plan.experiment == experiment
+
+
+def test_reproduce_smoke_runs_are_tracked_apart_in_the_store_searches_in_the_same_folder_use(tmp_path, monkeypatch):
+    from rekd.reproduce import build_parser, plan_from_args
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    plan = plan_from_args(build_parser().parse_args(["table1", "--smoke-test", "--out", str(tmp_path / "o")]))
+    assert plan.experiment == "rekd-reproduce-smoke"
+    assert plan.tracking_uri == f"sqlite:///{tmp_path / 'rekd-results' / 'mlflow.db'}"  # the searches' store
+    assert plan_from_args(build_parser().parse_args(["table2"])).experiment == "rekd-reproduce"
+    assert list(tmp_path.iterdir()) == []  # planning writes nothing
+
+
+def test_a_command_run_by_an_interpreter_without_rekds_dependencies_says_to_use_the_venv_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    # -S: no site-packages, so rekd (from the current folder) imports but its dependencies do not
+    proc = subprocess.run([sys.executable, "-S", "-m", "rekd.best", "rekd-sparse_kd"], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "lacks rekd's dependencies (torch" in line and ".venv/bin/python" in line
