@@ -80,7 +80,7 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
     import ray
 
     study = plan.study
-    start_ray()
+    start_ray(worker_output=plan.verbose)
     tune_log = logging.getLogger("ray.tune.tune")
     if not any(isinstance(f, WithoutTunesResumeHint) for f in tune_log.filters):
         tune_log.addFilter(WithoutTunesResumeHint())
@@ -199,7 +199,7 @@ class Search:
         tracker.end_parent("KILLED" if interrupted else "FINISHED")
         unsent = tracker.close(timeout=INTERRUPTED_GRACE_S if interrupted else UNSENT_GRACE_S)
         self.release_ray()
-        summary.print(plan, self.parent_id)
+        summary.print(plan, self.experiment_id, self.parent_id)
         report_unsent(unsent, self.experiment_dir, tracker)
         report_refused(tracker)
         sys.stdout.flush()

@@ -27,6 +27,7 @@ from rekd.teachers import cpu_weights, store_teacher
 from rekd.tracking import ROLE_TAG, flat_params, numeric_metrics
 from rekd.tracking_store import check_tracking_uri, open_store
 from rekd.train import resolve, train
+from rekd.ui import ui_hint
 
 PROG = "python -m rekd.final"
 
@@ -70,7 +71,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     document, configs = load_configs(args.best, args.epochs)
     baseline = dataclasses.replace(configs[0], mode="baseline")
     uri = check_tracking_uri(*tracking_uri_of(args, document))
-    client, experiment_id = open_store(uri, args.experiment or document.get("experiment") or "rekd-final")
+    experiment_name = args.experiment or document.get("experiment") or "rekd-final"
+    client, experiment_id = open_store(uri, experiment_name)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +110,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     client.log_artifact(parent.info.run_id, str(out_dir / f"{name}.json"), artifact_path="final")
     client.set_terminated(parent.info.run_id, "FINISHED")
     print(table)
-    print(f"\nsaved {out_dir / (name + '.md')}; MLflow parent run {parent.info.run_id} in {uri}")
+    print(f"\nsaved {out_dir / (name + '.md')}")
+    print("\n".join(ui_hint(uri, experiment_name, experiment_id, parent.info.run_id)))
     return 0
 
 

@@ -47,8 +47,12 @@ _private_dir: Optional[str] = None  # the 0700 folder holding the private Ray's 
 _cleanup_registered = False
 
 
-def start_ray() -> None:
-    """Connect this process to its Ray: the cluster RAY_ADDRESS names, else a new private one. Idempotent."""
+def start_ray(worker_output: bool = True) -> None:
+    """Connect this process to its Ray: the cluster RAY_ADDRESS names, else a new private one. Idempotent.
+
+    `worker_output=False` keeps a private Ray's workers' output off this process's console (Tune keeps a
+    failed trial's traceback in its folder; Ray's workers print their own shutdown noise when the private
+    Ray stops). A cluster's job keeps it: `ray job logs` is where that output is read."""
     import ray
 
     if ray.is_initialized():
@@ -57,7 +61,7 @@ def start_ray() -> None:
     if address:  # Ray ignores an empty RAY_ADDRESS too
         join_cluster(address)
     else:
-        start_private_ray()
+        start_private_ray(worker_output)
 
 
 def stop_ray() -> None:
@@ -174,7 +178,7 @@ def speaks_grpc(host: str, port: int) -> bool:
         channel.close()
 
 
-def start_private_ray() -> None:
+def start_private_ray(worker_output: bool = True) -> None:
     """A new Ray on 127.0.0.1, no dashboard, its temp folder inside a 0700 folder removed when Ray stops."""
     global _private_dir, _cleanup_registered
     import ray
@@ -189,7 +193,7 @@ def start_private_ray() -> None:
         _cleanup_registered = True
     try:
         # address="local": never the cluster recorded in ray_current_cluster, never RAY_ADDRESS.
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=worker_output,
                  _temp_dir=temp_dir)
     except BaseException:
         stop_ray()

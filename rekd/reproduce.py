@@ -99,6 +99,7 @@ class ReproducePlan:
     gpus: float  # per task, used only where the cluster has GPUs
     best_file: Optional[str] = None
     notes: tuple[str, ...] = ()  # said at the start, e.g. a best file tuned on other data
+    verbose: bool = False  # libraries' logs and a private Ray's worker output on the console too
 
     @property
     def kd_settings(self) -> dict:
@@ -230,13 +231,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rekd.datasets import load_dataset
 
     args = build_parser().parse_args(argv)
-    plan = plan_from_args(args)
+    plan = dataclasses.replace(plan_from_args(args), verbose=args.verbose)
     # Each seed carves its own validation split; a missing dataset stops here, before anything is written.
     data = {seed: load_dataset(dataclasses.replace(plan.base, seed=seed)) for seed in plan.seeds}
     from rekd.library_log import LibraryLog
     from rekd.reproduce_run import execute
 
-    library_log = LibraryLog(verbose=args.verbose).apply()
+    library_log = LibraryLog(verbose=plan.verbose).apply()
     try:
         return execute(plan, data, library_log)
     finally:

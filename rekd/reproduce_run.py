@@ -24,9 +24,10 @@ from rekd.reproduce import ReproducePlan, RunSpec
 from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.ray_session import start_ray
 from rekd.teachers import cpu_weights
-from rekd.tracking import PARENT_TAG, ROLE_TAG, flat_params, numeric_metrics, where_to_look
+from rekd.tracking import PARENT_TAG, ROLE_TAG, flat_params, numeric_metrics
 from rekd.tracking_store import open_store
 from rekd.train import train
+from rekd.ui import ui_hint
 
 CHILD_ROLE = "reproduce_run"
 NAME_TAG = "rekd.reproduce"  # the reproduction's name, on the parent and on every child
@@ -81,7 +82,7 @@ def execute(plan: ReproducePlan, data: dict[int, DataSplits], library_log: Libra
     client.set_terminated(parent_id, "FINISHED")
     print("\n" + table)
     print(f"\nsaved {plan.out_dir / plan.name}: {', '.join(p.name for p in files)}")
-    print(where_to_look(plan.experiment, parent_id, plan.tracking_uri))
+    print("\n".join(ui_hint(plan.tracking_uri, plan.experiment, experiment_id, parent_id)))
     return 0
 
 
@@ -90,7 +91,7 @@ def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], client, experime
     """Submit every run as a Ray task; log each into its child run as it finishes; the per-run records."""
     import ray
 
-    start_ray()
+    start_ray(worker_output=plan.verbose)
     gpus = plan.gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
     resources = {"num_cpus": plan.cpus, "num_gpus": gpus}
     specs = plan.runs()

@@ -84,6 +84,7 @@ class SearchPlan:
     stock_optuna: bool
     argv: tuple = ()  # the command line that made the plan, saved for --resume
     resume: Optional[dict] = None  # rekd-search.json of the search being resumed
+    verbose: bool = False  # libraries' logs and a private Ray's worker output on the console too
 
 
 def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
@@ -103,7 +104,7 @@ def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
             default_store_uri(storage_path) if state["tracking_uri"] == DEFAULT_STORE else state["tracking_uri"])
         check_resumable(folder, args.resume)
         plan = new_plan(saved, state["argv"], must_be_new=False)
-        return dataclasses.replace(plan, resume=state)
+        return dataclasses.replace(plan, resume=state, verbose=args.verbose)
     return new_plan(args, argv, must_be_new=True)
 
 
@@ -139,7 +140,8 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
     argv = [*argv, "--name", name] if "--name" not in argv else list(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, storage_path)
     experiment = args.experiment or f"rekd-{study.name}{SMOKE_SUFFIX if args.smoke_test else ''}"
-    return SearchPlan(study, base, name, storage_path, tracking_uri, experiment, args.stock_optuna, tuple(argv))
+    return SearchPlan(study, base, name, storage_path, tracking_uri, experiment, args.stock_optuna, tuple(argv),
+                      verbose=args.verbose)
 
 
 def check_writable(path: Path, flag: str = "--storage-path") -> None:
@@ -202,7 +204,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rekd.tracking_store import open_store
 
     check_cluster_address()  # a cluster that does not answer stops here, before anything is written
-    library_log = LibraryLog(verbose=args.verbose).apply()
+    library_log = LibraryLog(verbose=plan.verbose).apply()
     try:
         client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
         if plan.resume:

@@ -5,6 +5,7 @@ The same summary is printed for the user and logged to the search's MLflow paren
 from __future__ import annotations
 
 import json
+import shlex
 import warnings as warnings_module
 import math
 import time
@@ -13,8 +14,12 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
+from rekd.cli import python_command
 from rekd.ranking import rank_key
-from rekd.tracking import OUTCOME_TAG, where_to_look
+from rekd.search_state import default_store_uri
+from rekd.tracking import OUTCOME_TAG
+from rekd.tracking_store import RESULTS_FOLDER
+from rekd.ui import ui_hint
 
 OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "interrupted")
 TOP = 5
@@ -68,7 +73,7 @@ class Summary:
         for path in self.artifacts:
             tracker.log_parent_artifact(str(path), "summary")
 
-    def print(self, plan, parent_run_id: str) -> None:
+    def print(self, plan, experiment_id: str, parent_run_id: str) -> None:
         metric, study = self.metric, plan.study
         ranked = sorted(self.rows, key=sort_key(self.mode))
         how = "interrupted" if "interrupted" in self.counts or self.not_started else "finished"
@@ -93,10 +98,19 @@ class Summary:
                   f"({self.epochs_saved / max(self.epochs_budget, 1):.0%})")
         for warning in self.warnings:
             print(f"warning: {warning}")
-        print(f"results: {plan.storage_path / plan.name}")
-        print(where_to_look(plan.experiment, parent_run_id, plan.tracking_uri))
+        print(f"results: {plan.storage_path / plan.name} (what Ray, MLflow and Optuna logged: driver.log)")
+        print("\n".join(ui_hint(plan.tracking_uri, plan.experiment, experiment_id, parent_run_id)))
         if how == "finished":
-            print(f"next: python -m rekd.best {plan.experiment} --top 3 --out best.yaml --tracking-uri {plan.tracking_uri}")
+            print(f"next: {best_command(plan)}")
+
+
+def best_command(plan) -> str:
+    """The rekd.best command for this search, runnable as printed: this interpreter, and the store named
+    unless it is the one rekd.best reads by default from the current folder."""
+    words = [python_command(), "-m", "rekd.best", plan.experiment, "--top", "3", "--out", "best.yaml"]
+    if plan.tracking_uri != default_store_uri(Path(RESULTS_FOLDER)):
+        words += ["--tracking-uri", plan.tracking_uri]
+    return shlex.join(words)
 
 
 def sort_key(mode: str):

@@ -373,13 +373,6 @@ def merge(ops: list[tuple]) -> tuple:
             [t for op in ops for t in op[4]])
 
 
-def where_to_look(experiment: str, parent_run_id: str, tracking_uri: str) -> str:
-    """The lines that tell a user where a parent run is and how to open it."""
-    opener = tracking_uri if tracking_uri.startswith(("http://", "https://")) else \
-        f"mlflow ui --host 127.0.0.1 --backend-store-uri {tracking_uri}"
-    return f"MLflow: experiment {experiment!r}, parent run {parent_run_id}; open it with\n  {opener}"
-
-
 def describe_unsent(ops: list) -> str:
     kinds = collections.Counter(op[0] for op in ops)
     return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))

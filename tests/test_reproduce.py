@@ -132,7 +132,7 @@ def test_table1_plan_defaults_to_the_papers_ratios_three_seeds_and_states_its_so
     assert all(r.config.teacher_epochs == r.config.epochs == 8 for r in runs)  # the baseline is the teacher
     kd_runs = {(r.seed, r.config.prune_ratio) for r in runs if r.kind == "kd"}
     assert kd_runs == {(s, p) for s in range(3) for p in PAPER_RATIOS}
-    assert plan.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert plan.tracking_uri == f"sqlite:///{Path.cwd() / 'rekd-results' / 'mlflow.db'}"  # the folder's one store
     assert not (tmp_path / "out").exists()  # planning writes nothing
 
 
@@ -219,9 +219,10 @@ def test_a_failure_after_the_parent_run_opened_leaves_it_failed(tmp_path, monkey
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError, match="a task failed"):
         main(["table2", "--out", str(tmp_path / "out"), "--tracking-uri", uri])
-    _, parent, children = tracked(uri)
+    _, parent, children = tracked(uri, "rekd-reproduce")
     assert parent.info.status == "FAILED" and children == []
-    assert not (tmp_path / "out").exists()  # no table from a failed reproduction
+    [folder] = (tmp_path / "out").iterdir()  # no table from a failed reproduction, only its log
+    assert [p.name for p in folder.iterdir()] == ["driver.log"]
 
 
 # -- end to end ------------------------------------------------------------------------------------------
@@ -236,9 +237,9 @@ def reproduce(table: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
     return proc, folder, uri
 
 
-def tracked(uri: str) -> tuple:
+def tracked(uri: str, experiment: str = "rekd-reproduce-smoke") -> tuple:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("rekd-reproduce-smoke")
+    experiment = client.get_experiment_by_name(experiment)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get("rekd.role") == "reproduce"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -285,7 +286,7 @@ def test_table1_smoke_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_table2_smoke_end_to_end(tmp_path):
     proc, folder, uri = reproduce("table2", tmp_path)
-    assert {p.name for p in folder.iterdir()} == {"table.md", "table.csv", "runs.json", "plan.json"}
+    assert {p.name for p in folder.iterdir()} == {"table.md", "table.csv", "runs.json", "plan.json", "driver.log"}
     [row] = list(csv.DictReader((folder / "table.csv").open()))
     assert row["confidence"] == "0.95" and row["seeds"] == "3"
     low, mean, high = (float(row[f"improvement_{k}_pct"]) for k in ("ci_low", "mean", "ci_high"))
