@@ -23,6 +23,7 @@ from rekd.ui import ui_hint
 
 OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "interrupted")
 TOP = 5
+RANK_METRIC = "rank"  # on each trial's run at the end: its place by rekd.ranking, 1 = best
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
 
 
@@ -70,6 +71,10 @@ class Summary:
             tags.append(RunTag(OUTCOME_TAG, "finished"))
         now = int(time.time() * 1000)
         tracker.log_parent(metrics=[Metric(k, v, now, 0) for k, v in self.metrics().items()], params=params, tags=tags)
+        # Each trial's place by rekd's ranking (1 = best), so that MLflow's runs table, sorted by it, shows the
+        # order rekd.best uses: sorted by the metric, it would break ties its own way.
+        for place, row in enumerate(sorted(self.rows, key=sort_key(self.mode)), start=1):
+            tracker.log_trial(row.trial_id, metrics=[Metric(RANK_METRIC, float(place), now, 0)])
         for path in self.artifacts:
             tracker.log_parent_artifact(str(path), "summary")
 
@@ -99,7 +104,7 @@ class Summary:
         for warning in self.warnings:
             print(f"warning: {warning}")
         print(f"results: {plan.storage_path / plan.name} (what Ray, MLflow and Optuna logged: driver.log)")
-        print("\n".join(ui_hint(plan.tracking_uri, plan.experiment, experiment_id, parent_run_id)))
+        print("\n".join(ui_hint(plan.tracking_uri, plan.experiment, experiment_id, parent_run_id, RANK_METRIC)))
         if how == "finished":
             print(f"next: {best_command(plan)}")
 

@@ -219,6 +219,10 @@ class MlflowTrialTracker(Callback):
             self.end_trial(trial_id, outcome, status, extra)
         return ended
 
+    def log_trial(self, trial_id: str, metrics: list[Metric] = (), tags: list[RunTag] = ()) -> None:
+        """More for a trial's run after it ended (the search's summary), in order with the rest."""
+        self._submit(("log", trial_id, list(metrics), [], list(tags)))
+
     # -- the parent run, through the same ordered queue ------------------------------------------------
     def log_parent(self, metrics: list[Metric] = (), params: list[Param] = (), tags: list[RunTag] = ()) -> None:
         self._submit(("log", None, list(metrics), list(params), list(tags)))

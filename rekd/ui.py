@@ -243,25 +243,27 @@ def run_url(base: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{urlencode(TRAINING_VIEW)}"
 
 
-def children_url(base: str, experiment_id: str, parent_run_id: str) -> str:
-    """The experiment's runs table listing the child runs of `parent_run_id`, flat, by run name.
+def children_url(base: str, experiment_id: str, parent_run_id: str, order_by: Optional[str] = None) -> str:
+    """The experiment's runs table listing the child runs of `parent_run_id`, flat, by `order_by` (a metric
+    every child has, ascending, e.g. a search's `rank`), else by run name.
 
     The UI takes `searchFilter` as the text of its search box: an MLflow search expression (other text
     becomes a run-name match). Filtered alone, the table shows the children's parent, collapsed, with the
     children one click away: it fetches the parents of what it found, and whether a parent is expanded lives
     in the browser's storage, not in the URL. A sort other than by date (`orderByKey`) lists runs flat."""
     query = {**TRAINING_VIEW, "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
-             "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}
+             "orderByKey": f"metrics.`{order_by}`" if order_by else "tags.`mlflow.runName`", "orderByAsc": "true"}
     return f"{base}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
 
 
-def ui_hint(tracking_uri: str, experiment: str, experiment_id: str, parent_run_id: str) -> list[str]:
+def ui_hint(tracking_uri: str, experiment: str, experiment_id: str, parent_run_id: str,
+            order_by: Optional[str] = None) -> list[str]:
     """The lines a command prints at its end to say how to open its runs in the MLflow UI: the links for a
     tracking server; for a SQLite store, the command that serves it and the links it will serve."""
     head = f"MLflow: experiment {experiment!r}, parent run {parent_run_id}"
     if tracking_uri.startswith(("http://", "https://")):
         base = browser_base(tracking_uri)
-        return [f"{head}; open", f"  its child runs: {children_url(base, experiment_id, parent_run_id)}",
+        return [f"{head}; open", f"  its child runs: {children_url(base, experiment_id, parent_run_id, order_by)}",
                 f"  the parent run: {run_url(base, experiment_id, parent_run_id)}"]
     db = sqlite_path(tracking_uri)
     if db is None:  # databricks: its own workspace UI
@@ -270,7 +272,7 @@ def ui_hint(tracking_uri: str, experiment: str, experiment_id: str, parent_run_i
     command = shlex.join([python_command(), "-m", "rekd.ui", store, "--experiment", experiment])
     base = f"http://{HOST}:{DEFAULT_PORT}"
     return [f"{head}; serve the MLflow UI with", f"  {command}",
-            f"  then open its child runs: {children_url(base, experiment_id, parent_run_id)}",
+            f"  then open its child runs: {children_url(base, experiment_id, parent_run_id, order_by)}",
             f"  or the parent run: {run_url(base, experiment_id, parent_run_id)}"]
 
 

@@ -16,6 +16,7 @@ from rekd.ranking import rank_key
 from rekd.reproduce import best_config
 from rekd.search_report import summarize
 from rekd.study import load_study
+from rekd.tracking import MlflowTrialTracker
 
 # (trial id, outcome, val_acc, confidence): three trials tie at the top, created in an order that is
 # neither the id order nor its reverse; a stopped trial has a higher value from a shorter budget.
@@ -56,12 +57,19 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     client.log_batch(parent.info.run_id, params=[Param("metric", "val_acc"), Param("mode", "max"),
                                                  Param("num_samples", "6"), Param("space.confidence", "uniform")],
                      tags=[RunTag("rekd.best_trial", summary.best.trial_id)])
+    tracker = MlflowTrialTracker(uri, experiment_id, parent.info.run_id, "tied", epochs)
     for tid, outcome, value, conf in TRIALS:
         child = client.create_run(experiment_id, run_name=f"trial-{tid}", tags={
             "mlflow.parentRunId": parent.info.run_id, "rekd.role": "trial", "rekd.trial_id": tid, "rekd.outcome": outcome})
         metrics = [Metric("val_acc", value, 0, 2)] if math.isfinite(value) else []
         client.log_batch(child.info.run_id, metrics=metrics, params=[
             Param("mode", "default_kd"), Param("confidence", str(conf)), Param("epochs", str(epochs))])
+        tracker.runs[tid] = child.info.run_id
+    summary.log_to(tracker, final=True)  # as the driver does: the summary onto the parent, a rank onto each trial
+    assert tracker.close(timeout=30) == []
+    children = client.search_runs([experiment_id], filter_string="tags.`rekd.role` = 'trial'")
+    # MLflow's runs table sorted by `rank` (the link a search prints) shows rekd's order
+    assert [c.data.tags["rekd.trial_id"] for c in sorted(children, key=lambda c: c.data.metrics["rank"])] == EXPECTED
     out = tmp_path / "best.yaml"
     assert best_main(["rekd-default_kd", "--tracking-uri", uri, "--top", "5", "--out", str(out),
                       "--include-stopped"]) == 0
