@@ -41,10 +41,8 @@ def format_metrics(metrics: dict, keys: Sequence[str]) -> str:
 
 def python_command() -> str:
     """How to name this interpreter in a command printed for the user to run next, so that it works as
-    printed: `python` only where that is this very interpreter (a venv's python links to a base one without
-    rekd's dependencies), else its path, relative to the current folder when it lies inside it."""
+    printed, from any folder: `python` only where that is this very interpreter (a venv's python links to a
+    base one without rekd's dependencies), else its absolute path."""
     if shutil.which("python") == sys.executable:
         return "python"
-    executable = os.path.abspath(sys.executable)  # not resolved: a venv's python is a link to the base one
-    relative = os.path.relpath(executable)
-    return relative if not relative.startswith("..") else executable
+    return os.path.abspath(sys.executable)  # not resolved: a venv's python is a link to the base one

@@ -18,7 +18,10 @@ import re
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -56,22 +59,32 @@ def client_for(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def ensure_experiment(client: MlflowClient, name: str, artifact_location: Optional[str] = None) -> str:
-    """The id of experiment `name`, created if missing (in the driver, before any trial starts)."""
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (in the driver, before any trial starts); in a SQLite
+    store with its artifacts beside the store (rekd.tracking_store.artifact_location)."""
+    from rekd.tracking_store import artifact_location
+
+    location = artifact_location(client.tracking_uri, name)
     try:
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 raise UsageError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException as e:
-            # Two searches started at once: the other one created it between our look and our create.
-            experiment = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+            experiment_id = experiment.experiment_id
+        else:
+            try:
+                experiment_id = client.create_experiment(name, artifact_location=location)
+            except MlflowException as e:
+                # Two searches started at once: the other one created it between our look and our create.
+                experiment = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        if location is not None and client.get_experiment(experiment_id).artifact_location == location:
+            # Made now, not by the first artifact, so that a run whose experiment folder is missing has been
+            # moved (missing_artifact_folder), never merely not written to yet.
+            Path(url2pathname(urlsplit(location).path)).mkdir(parents=True, exist_ok=True)
+        return experiment_id
     except UsageError:
         raise
     except Exception as e:  # any failure to reach or use the store
@@ -94,9 +107,26 @@ def error_summary(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+class ArtifactFolderGone(Exception):
+    """A run's artifacts would go to a local folder that is gone: MLflow's client would make it again."""
+
+
+def missing_artifact_folder(artifact_uri: str) -> Optional[Path]:
+    """For a run whose artifacts are local (`file:///<experiment folder>/<run id>/artifacts`), its experiment's
+    folder when that no longer exists: the store's folder was moved (an experiment's artifact location is
+    fixed when it is created), and logging would make the old folder again where it used to be."""
+    if not artifact_uri.startswith("file:"):
+        return None
+    folder = Path(url2pathname(urlsplit(artifact_uri).path)).parent.parent
+    return None if folder.is_dir() else folder
+
+
 def refused_for_good(error: Exception) -> bool:
     """An MLflow error that is the request's fault (HTTP 4xx: invalid value, unknown run, a param logged
-    with another value), not the store's: retrying it cannot succeed. Too many requests is not one."""
+    with another value), not the store's: retrying it cannot succeed. Too many requests is not one. An
+    artifact whose folder is gone is not sent either."""
+    if isinstance(error, ArtifactFolderGone):
+        return True
     if not isinstance(error, MlflowException):
         return False
     status = error.get_http_status_code()
@@ -356,6 +386,11 @@ class MlflowTrialTracker(Callback):
         if kind == "log":
             self._client.log_batch(run_id, metrics=op[2], params=op[3], tags=op[4])
         elif kind == "artifact":
+            gone = missing_artifact_folder(self._client.get_run(run_id).info.artifact_uri)
+            if gone is not None:
+                raise ArtifactFolderGone(f"the experiment's artifact folder {gone} no longer exists (moved with its "
+                                         f"results folder? MLflow keeps the location an experiment was created "
+                                         f"with); {op[2]} stays where it is")
             self._client.log_artifact(run_id, op[2], artifact_path=op[3])
         elif kind == "end":
             self._client.set_terminated(run_id, op[2])

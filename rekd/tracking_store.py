@@ -156,7 +156,7 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
         client = client_for(uri)  # MLflow opens the store here: a new SQLite store gets its schema now
     except Exception as e:  # a broken store, an unusable URI
         raise UsageError(f"MLflow tracking store {redacted(uri)!r} cannot be used: {first_line(e)}") from None
-    return client, ensure_experiment(client, experiment, artifact_location(uri, experiment))
+    return client, ensure_experiment(client, experiment)
 
 
 def artifact_location(uri: str, experiment: str) -> Optional[str]:

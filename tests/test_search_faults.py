@@ -173,7 +173,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
     try:
         deadline = time.monotonic() + 300
         while killed is None and time.monotonic() < deadline and search.poll() is None:
-            client, children = tracked_children(uri, "rekd-default_kd-smoke")
+            client, children = tracked_children(uri, "rekd-default_kd")
             if children and client.get_metric_history(children[0].info.run_id, "val_acc"):
                 workers = [p for p in descendants(search.pid) if "ImplicitFunc" in cmdline(p)]
                 if workers:
@@ -187,7 +187,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_p
             search.kill()
     assert killed is not None, "no trial process was found to kill"
     assert search.returncode == 0, output[-3000:]
-    client, children = tracked_children(uri, "rekd-default_kd-smoke")
+    client, children = tracked_children(uri, "rekd-default_kd")
     assert len(children) == 2  # the retried trial kept its run: no duplicate
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
