@@ -27,6 +27,7 @@ class LibraryLog(logging.Handler):
         self.verbose = verbose
         self.held: list[logging.LogRecord] = []
         self.file: Optional[logging.FileHandler] = None
+        self.levels: dict[logging.Handler, int] = {}  # the console handlers' own levels, put back by close()
 
     def apply(self) -> "LibraryLog":
         """Route the libraries' loggers here (idempotent: call again after anything that may reconfigure them)."""
@@ -39,7 +40,8 @@ class LibraryLog(logging.Handler):
                 logger.addHandler(logging.StreamHandler(sys.stderr))
             for handler in logger.handlers:
                 if handler is not self and not self.verbose:
-                    handler.setLevel(logging.ERROR)
+                    self.levels.setdefault(handler, handler.level)
+                    handler.setLevel(max(handler.level, logging.ERROR))
             if self not in logger.handlers:
                 logger.addHandler(self)
         return self
@@ -71,8 +73,9 @@ class LibraryLog(logging.Handler):
             logger = logging.getLogger(name)
             if self in logger.handlers:
                 logger.removeHandler(self)
-            for handler in logger.handlers:
-                handler.setLevel(logging.NOTSET)
+        for handler, level in self.levels.items():
+            handler.setLevel(level)
+        self.levels.clear()
         logging.captureWarnings(False)
         if self.file is not None:
             self.file.close()

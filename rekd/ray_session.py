@@ -45,7 +45,7 @@ FIX = f"start that cluster, or unset {ENV} to run on a private Ray"
 MAX_TEMP_ROOT = 20  # characters of the temp root that Ray's socket paths leave room for
 _private_dir: Optional[str] = None  # the 0700 folder holding the private Ray's temp folder, while it runs
 _cleanup_registered = False
-RAY_TMPDIR = "RAY_TMPDIR"
+TEMP_VARIABLES = ("RAY_TMPDIR", "TMPDIR")  # pointed at the private folder while the private Ray runs
 _saved_env: dict[str, Optional[str]] = {}  # what start_private_ray changed in os.environ, put back by stop_ray
 
 
@@ -78,12 +78,12 @@ def stop_ray() -> None:
     if _private_dir is not None:
         remove_folder(_private_dir)
         _private_dir = None
-    if RAY_TMPDIR in _saved_env:
-        saved = _saved_env.pop(RAY_TMPDIR)
+    for key, saved in list(_saved_env.items()):
+        del _saved_env[key]
         if saved is None:
-            os.environ.pop(RAY_TMPDIR, None)
+            os.environ.pop(key, None)
         else:
-            os.environ[RAY_TMPDIR] = saved
+            os.environ[key] = saved
 
 
 def check_cluster_address() -> None:
@@ -194,10 +194,12 @@ def start_private_ray(worker_output: bool = True) -> None:
     if _private_dir is not None:  # the folder of an earlier private Ray ended by a bare ray.shutdown()
         remove_folder(_private_dir)
     _private_dir, temp_dir = private_temp_folder()
-    # Ray's Tune and Train keep lock files in `<RAY_TMPDIR or TMPDIR>/_ray_lockfiles` and never remove them:
-    # in the private folder they go with it. Ray's processes inherit it from here, the trials included.
-    _saved_env.setdefault(RAY_TMPDIR, os.environ.get(RAY_TMPDIR))
-    os.environ[RAY_TMPDIR] = _private_dir
+    # Ray's Tune and Train keep lock files in `<RAY_TMPDIR or TMPDIR>/_ray_lockfiles` and never remove them,
+    # and a trial killed mid-epoch cannot remove its temp files: in the private folder they go with it. Ray's
+    # processes inherit both from here, the trials included (this process has chosen its temp folder already).
+    for key in TEMP_VARIABLES:
+        _saved_env.setdefault(key, os.environ.get(key))
+        os.environ[key] = _private_dir
     if not _cleanup_registered:
         # Registered after ray's own atexit shutdown, so it runs before it (atexit is LIFO): stop_ray shuts
         # Ray down first, then removes the folder. Ray's SIGTERM handler exits through atexit too.

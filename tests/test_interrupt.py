@@ -63,8 +63,9 @@ def test_ctrl_c_interrupts_the_search_and_the_printed_resume_finishes_it(tmp_pat
     assert len(finished) == 4 and all(c.data.tags["rekd.outcome"] in ("completed", "stopped_early") for c in finished)
     assert not [c for c in children if c.info.status == "RUNNING"]
     for child in finished:  # continued where the interruption left it: no gap, no epoch twice
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")]
-        assert steps == list(range(1, len(steps) + 1))
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        steps = [m.step for m in history]
+        assert steps == list(range(1, len(steps) + 1)), [(m.step, m.value, m.timestamp) for m in history]
         assert "rekd.interrupted_by" not in child.data.tags
     states = optuna_states(tmp_path, "ctrl-c")
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

@@ -1,5 +1,10 @@
 """The libraries' log records go to driver.log in the results folder, not the console; errors still show;
---verbose keeps them on the console too; closing gives the console back."""
+--verbose keeps them on the console too; closing gives the console back.
+
+The console is a handler of the test's own on each library logger, beside the libraries' handlers: those
+write to whatever sys.stderr was when they were made, which in a test session may be another test's capture.
+"""
+import io
 import logging
 import warnings
 
@@ -17,7 +22,18 @@ def say_things():
     logging.getLogger("ray.tune.tune").error("Trial errored: the one line that must still be seen")
 
 
-def test_library_chatter_goes_to_the_log_file_and_only_errors_reach_the_console(tmp_path, capfd):
+@pytest.fixture
+def console():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    for name in LIBRARIES:
+        logging.getLogger(name).addHandler(handler)
+    yield stream
+    for name in LIBRARIES:
+        logging.getLogger(name).removeHandler(handler)
+
+
+def test_library_chatter_goes_to_the_log_file_and_only_errors_reach_the_console(tmp_path, console):
     library_log = LibraryLog(verbose=False).apply()
     try:
         say_things()  # before the results folder exists: held, then written
@@ -25,7 +41,7 @@ def test_library_chatter_goes_to_the_log_file_and_only_errors_reach_the_console(
         logging.getLogger("optuna").warning("after the folder exists")
     finally:
         library_log.close()
-    console = capfd.readouterr().err
+    console = console.getvalue()
     assert "Creating initial" not in console and "Token authentication" not in console
     assert "new study" not in console and "deprecation notice" not in console
     assert "the one line that must still be seen" in console
@@ -36,20 +52,20 @@ def test_library_chatter_goes_to_the_log_file_and_only_errors_reach_the_console(
         assert line in logged
 
 
-def test_verbose_keeps_the_libraries_on_the_console_and_close_restores_them(tmp_path, capfd):
+def test_verbose_keeps_the_libraries_on_the_console_and_close_restores_them(tmp_path, console):
     library_log = LibraryLog(verbose=True).apply()
     try:
         library_log.write_to(tmp_path)
         logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
     finally:
         library_log.close()
-    assert "Creating initial MLflow database tables" in capfd.readouterr().err
+    assert "Creating initial MLflow database tables" in console.getvalue()
     assert "Creating initial" in (tmp_path / LOG_FILE).read_text()
     assert all(library_log not in logging.getLogger(name).handlers for name in LIBRARIES)
     quiet = LibraryLog(verbose=False).apply()
     quiet.close()
     logging.getLogger("optuna.storages._rdb.storage").info("A new study created in RDB with name: again")
-    assert "again" in capfd.readouterr().err  # the console handlers are as they were
+    assert "again" in console.getvalue()  # the console handlers are as they were
 
 
 @pytest.fixture(autouse=True)
