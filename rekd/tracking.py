@@ -49,6 +49,7 @@ ROLE_TAG = "rekd.role"  # search | trial | final
 SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
 OUTCOME_TAG = "rekd.outcome"
 INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
+RERUN_TAG = "rekd.rerun_epochs"  # "first-last": epochs a continued trial ran again (their checkpoint was lost)
 # Bookkeeping Tune adds to every result; not metrics of the network.
 TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s",
              "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
@@ -195,6 +196,7 @@ class MlflowTrialTracker(Callback):
         self.last_error = ""
         self.refused: list[tuple[tuple, str]] = []  # (op, error) the store refused for good: never retried
         self._one_at_a_time = False  # after a refused batch: find the op it refuses
+        self._logged_epoch: dict[str, int] = {}  # continued trials: the last epoch their run had logged
         _ACTIVE.add(self)
 
     def __getstate__(self) -> dict:  # Tune snapshots its callbacks: the queue's content, not its thread
@@ -367,6 +369,7 @@ class MlflowTrialTracker(Callback):
                 self.runs.update(self._existing_run(trial_id))
             if trial_id in self.runs:  # continued after an interruption: running again, its outcome to come
                 run = self._client.get_run(self.runs[trial_id])
+                self._logged_epoch[trial_id] = int(run.data.metrics.get("epoch", 0))
                 if run.info.status != "RUNNING":
                     self._client.update_run(run.info.run_id, status="RUNNING")
                 for key in (OUTCOME_TAG, INTERRUPTED_TAG):
@@ -384,7 +387,16 @@ class MlflowTrialTracker(Callback):
         if run_id is None:
             return
         if kind == "log":
-            self._client.log_batch(run_id, metrics=op[2], params=op[3], tags=op[4])
+            tags = op[4]
+            logged = self._logged_epoch.get(trial_id, 0)
+            again = [m.step for m in op[2] if m.key == "epoch" and m.step <= logged]  # not the summary's rank
+            if again:
+                # A continued trial runs an epoch MLflow already has again: its checkpoint was lost with the
+                # interruption (it was written, but Tune had not registered it). Both runs of the epoch stay
+                # in the history, and the run says so.
+                tags = [*tags, RunTag(RERUN_TAG, f"{min(again)}-{logged}")]
+                del self._logged_epoch[trial_id]
+            self._client.log_batch(run_id, metrics=op[2], params=op[3], tags=tags)
         elif kind == "artifact":
             gone = missing_artifact_folder(self._client.get_run(run_id).info.artifact_uri)
             if gone is not None:

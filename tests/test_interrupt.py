@@ -62,10 +62,16 @@ def test_ctrl_c_interrupts_the_search_and_the_printed_resume_finishes_it(tmp_pat
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(finished) == 4 and all(c.data.tags["rekd.outcome"] in ("completed", "stopped_early") for c in finished)
     assert not [c for c in children if c.info.status == "RUNNING"]
-    for child in finished:  # continued where the interruption left it: no gap, no epoch twice
+    for child in finished:  # continued where the interruption left it: no gap; an epoch run twice is said so
         history = client.get_metric_history(child.info.run_id, "val_acc")
-        steps = [m.step for m in history]
-        assert steps == list(range(1, len(steps) + 1)), [(m.step, m.value, m.timestamp) for m in history]
+        steps = sorted(m.step for m in history)
+        assert sorted(set(steps)) == list(range(1, steps[-1] + 1)), [(m.step, m.value) for m in history]
+        twice = sorted({s for s in steps if steps.count(s) > 1})
+        if twice:  # its last checkpoint was lost with the interruption (written, not yet registered by Tune)
+            first, last = map(int, child.data.tags["rekd.rerun_epochs"].split("-"))
+            assert twice == list(range(first, last + 1)), (twice, child.data.tags["rekd.rerun_epochs"])
+        else:
+            assert "rekd.rerun_epochs" not in child.data.tags
         assert "rekd.interrupted_by" not in child.data.tags
     states = optuna_states(tmp_path, "ctrl-c")
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
