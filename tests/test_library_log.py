@@ -26,11 +26,14 @@ def say_things():
 def console():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
+    levels = {name: logging.getLogger(name).level for name in LIBRARIES}
     for name in LIBRARIES:
         logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)  # rekd.search_report quiets optuna's logger for a session
     yield stream
     for name in LIBRARIES:
         logging.getLogger(name).removeHandler(handler)
+        logging.getLogger(name).setLevel(levels[name])
 
 
 def test_library_chatter_goes_to_the_log_file_and_only_errors_reach_the_console(tmp_path, console):
