@@ -71,17 +71,17 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if experiment is not None:
             if experiment.lifecycle_stage == "deleted":
                 raise UsageError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
-            experiment_id = experiment.experiment_id
+            experiment_id, where = experiment.experiment_id, experiment.artifact_location
         else:
             try:
-                experiment_id = client.create_experiment(name, artifact_location=location)
+                experiment_id, where = client.create_experiment(name, artifact_location=location), location
             except MlflowException as e:
                 # Two searches started at once: the other one created it between our look and our create.
                 experiment = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
                 if experiment is None:
                     raise
-                experiment_id = experiment.experiment_id
-        if location is not None and client.get_experiment(experiment_id).artifact_location == location:
+                experiment_id, where = experiment.experiment_id, experiment.artifact_location
+        if location is not None and where == location:
             # Made now, not by the first artifact, so that a run whose experiment folder is missing has been
             # moved (missing_artifact_folder), never merely not written to yet.
             Path(url2pathname(urlsplit(location).path)).mkdir(parents=True, exist_ok=True)
