@@ -16,7 +16,8 @@ from rekd.cli import python_command
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
 from rekd.interrupt import Interruption
-from rekd.ray_session import start_ray, stop_ray
+from rekd import trial_storage
+from rekd.ray_session import fixed_cluster, start_ray, stop_ray
 from rekd.search import PROG as PROG_NAME, SearchPlan, build_parser, teacher_weights_for
 from rekd.search_report import summarize
 from rekd.storage_watch import StorageWatch, storage_error
@@ -46,7 +47,8 @@ def parent_params(plan: SearchPlan) -> list[Param]:
         "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
         "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,
         "num_samples": s.num_samples, "max_concurrency": s.max_concurrency,
-        "resources.cpu": s.cpus, "resources.gpu": s.gpus, "optuna": "stock" if plan.stock_optuna else "pruned_fix",
+        "resources.cpu": s.cpus, "resources.gpu": s.gpus, "cpu_only": plan.cpu_only,
+        "optuna": "stock" if plan.stock_optuna else "pruned_fix",
         **{f"fixed.{k}": v for k, v in plan.base.to_dict().items() if k not in {p.name for p in s.params}},
         **describe_space(plan),
     }
@@ -86,11 +88,12 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
         tune_log.addFilter(WithoutTunesResumeHint())
     with Interruption(PROG_NAME) as interruption:
         try:
-            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-            resources = {"cpu": study.cpus, "gpu": study.gpus if has_gpus else 0}
+            resources, note = trial_resources(plan, ray.cluster_resources().get("GPU", 0), fixed_cluster())
             print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
                   f"{study.max_concurrency} at once, {resources} each; searching "
                   f"{', '.join(p.name for p in study.params)}", flush=True)
+            if note:
+                print(note, flush=True)
             teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"]) \
                 if plan.base.mode == "sparse_kd" else None
         except KeyboardInterrupt:  # before the search began: nothing recorded yet
@@ -110,9 +113,26 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
             return search.abort(e, interruption)
 
 
+def trial_resources(plan: SearchPlan, cluster_gpus: float, fixed: bool) -> tuple[dict, str]:
+    """What each trial (and the teacher task) requests, and a line that says why when it is not the study's.
+
+    The study's GPU fraction is requested whenever it is set, even if the cluster has no GPU node at this
+    moment: Ray's autoscaler starts GPU nodes for requests that wait. Only a Ray that has all the nodes it
+    will ever have (a private one, rekd.service's) knows that none will come."""
+    study = plan.study
+    if plan.cpu_only or not study.gpus:
+        return {"cpu": study.cpus, "gpu": 0}, ""
+    if fixed and not cluster_gpus:
+        return {"cpu": study.cpus, "gpu": 0}, "no GPU in this Ray, and none will join: trials run on CPUs"
+    note = "" if cluster_gpus else (
+        "the cluster has no GPU now: trials wait for GPU nodes (Ray's autoscaler starts them for waiting "
+        "requests); --cpu-only runs them on CPUs instead")
+    return {"cpu": study.cpus, "gpu": study.gpus}, note
+
+
 def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> str:
     """The search's MLflow parent run: created with the study and versions, or the resumed search's, reopened."""
-    experiment_dir = plan.storage_path / plan.name
+    experiment_dir = plan.folder
     if plan.resume:  # the parent run of the interrupted or dead driver goes on
         parent_id = plan.resume["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
@@ -129,7 +149,7 @@ def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> s
                      tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
     client.log_artifact(parent_id, str(plan.study.path), artifact_path="study")
     write_state(experiment_dir, list(plan.argv), parent_id, experiment_id, plan.tracking_uri,
-                default_store=plan.tracking_uri == default_store_uri(plan.storage_path))
+                default_store=plan.tracking_uri == default_store_uri(plan.local_path))
     return parent_id
 
 
@@ -139,7 +159,7 @@ class Search:
     def __init__(self, plan: SearchPlan, client: MlflowClient, experiment_id: str, parent_id: str, owns_ray: bool):
         self.plan, self.client, self.experiment_id, self.parent_id = plan, client, experiment_id, parent_id
         self.owns_ray = owns_ray
-        self.experiment_dir = plan.storage_path / plan.name
+        self.experiment_dir = plan.folder
         self.optuna_url = f"sqlite:///{self.experiment_dir / OPTUNA_FILE}"
         self.tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, plan.study.epochs)
 
@@ -158,9 +178,9 @@ class Search:
             # Trials, searcher (and its Optuna study), callbacks come back from the experiment folder, with
             # the paths of where the search was started: they are pointed at where it is now.
             ResumableOptunaSearch.storage_url = self.optuna_url
-            ResumableASHA.storage_path = str(plan.storage_path)
-            tuner = tune.Tuner.restore(str(self.experiment_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True, param_space=fixed)
+            ResumableASHA.storage_path = trial_storage.filesystem(plan.storage_path)[1]
+            tuner = tune.Tuner.restore(trial_storage.join(plan.storage_path, plan.name), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True, param_space=fixed)
             restored = [t for t in MlflowTrialTracker.active()
                         if t is not self.tracker and t.parent_run_id == self.parent_id]
             for tracker in restored:  # Tune runs the tracker it unpickled, not the one made here
@@ -179,7 +199,7 @@ class Search:
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                         reuse_actors=True),  # no new worker process per trial
             run_config=tune.RunConfig(
-                name=plan.name, storage_path=str(plan.storage_path),
+                name=plan.name, storage_path=plan.storage_path,
                 callbacks=[self.tracker, JsonLoggerCallback(), StorageWatch()],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=2),
@@ -258,7 +278,9 @@ class Search:
 def resume_command(plan: SearchPlan) -> str:
     """The exact command that continues this search, runnable as printed."""
     study = build_parser().parse_args(list(plan.argv)).study
-    words = [python_command(), "-m", "rekd.search", study, "--resume", plan.name, "--storage-path", str(plan.storage_path)]
+    words = [python_command(), "-m", "rekd.search", study, "--resume", plan.name, "--storage-path", plan.storage_path]
+    if plan.storage_path != str(plan.local_path):
+        words += ["--local-path", str(plan.local_path)]
     return " ".join(shlex.quote(w) for w in words)
 
 

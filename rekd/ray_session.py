@@ -37,6 +37,7 @@ from rekd.errors import UsageError
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 ENV = "RAY_ADDRESS"
+FIXED_CLUSTER_ENV = "REKD_CLUSTER_FIXED"  # "1": no autoscaler, the nodes there are all there will be
 PROBE_TIMEOUT_S = 3.0  # how long a cluster address may take to accept a TCP connection, and then a gRPC one
 DEFAULT_PORTS = {"http": 80, "https": 443}  # a dashboard behind a proxy may leave the port out
 ALLOWED = "host:port, ray://host:port, http(s)://host[:port] or auto"
@@ -84,6 +85,12 @@ def stop_ray() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = saved
+
+
+def fixed_cluster() -> bool:
+    """Whether this process's Ray has all the nodes it will ever have: the private Ray start_ray started, or a
+    cluster whose environment says so (REKD_CLUSTER_FIXED=1, set by rekd.service for its one-machine Ray)."""
+    return _private_dir is not None or os.environ.get(FIXED_CLUSTER_ENV) == "1"
 
 
 def check_cluster_address() -> None:

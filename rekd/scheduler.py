@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Iterator, Optional
 
 from ray.tune.schedulers import ASHAScheduler
+
+from rekd import trial_storage
 
 
 class ResumableASHA(ASHAScheduler):
@@ -45,10 +46,11 @@ def recorded_results(trial, time_attr: str, metric: str) -> Iterator[tuple[int, 
         folder = trial.path
     except RuntimeError:  # a new trial has no folder yet (ray raises rather than returning None)
         return
-    path = Path(folder or "") / "result.json"
-    if not folder or not path.is_file():
+    if not folder or trial.storage is None:
         return
-    for line in path.read_text().splitlines():
+    # Read where Tune keeps the trial: a folder, or an object store (its driver-side copy starts empty).
+    text = trial_storage.read_text(trial.storage.storage_filesystem, f"{folder}/result.json")
+    for line in (text or "").splitlines():
         try:
             result = json.loads(line)
         except json.JSONDecodeError:  # a line cut short when the driver died

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from rekd import trial_storage
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, load_dataset
@@ -56,17 +57,23 @@ def build_parser() -> Parser:
     p.add_argument("--data-root", help="folder with cifar-100-python/ or DVSGesture/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix any TrainConfig setting for every trial (fixing a searched one removes it from the search)")
-    p.add_argument("--storage-path", default=RESULTS_FOLDER, metavar="DIR",
-                   help="where Tune keeps trials, checkpoints and the Optuna study (default ./rekd-results)")
+    p.add_argument("--storage-path", metavar="DIR|URI",
+                   help="where Tune keeps trials and their checkpoints: a folder, or s3://... gs://... that every "
+                        "Ray node reaches (default ./rekd-results)")
+    p.add_argument("--local-path", metavar="DIR",
+                   help="where the driver keeps the search's own files (state, Optuna study, default MLflow store, "
+                        "summary, driver.log); default: --storage-path if a folder, else ./rekd-results")
     p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<storage-path>/mlflow.db)")
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<local-path>/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default rekd-<study>; rekd-<study>-smoke with --smoke-test)")
     p.add_argument("--name", help="name of this search (default <study>-<date>-<time>)")
     p.add_argument("--smoke-test", action="store_true", help="a few trials of one or two epochs (about a minute on a CPU)")
     p.add_argument("--resume", metavar="NAME",
-                   help="continue the search NAME (in --storage-path) after its driver died: finished trials are kept")
+                   help="continue the search NAME (in --local-path) after its driver died: finished trials are kept")
     p.add_argument("--verbose", action="store_true",
-                   help="also show what Ray, Tune, MLflow and Optuna log (always kept in <storage-path>/<name>/driver.log)")
+                   help="also show what Ray, Tune, MLflow and Optuna log (always kept in <local-path>/<name>/driver.log)")
+    p.add_argument("--cpu-only", action="store_true",
+                   help="run trials (and the teacher) on CPUs, even where the cluster has or can start GPU nodes")
     p.add_argument("--stock-optuna", action="store_true",
                    help="record ASHA-stopped trials as Ray's OptunaSearch does (COMPLETE), for comparison")
     return p
@@ -78,33 +85,46 @@ class SearchPlan:
     study: Study
     base: TrainConfig  # resolved fixed settings
     name: str
-    storage_path: Path
+    local_path: Path  # the driver's own files: <local_path>/<name>
+    storage_path: str  # Tune's trials and checkpoints: an absolute folder or a storage URI (rekd.trial_storage)
     tracking_uri: str
     experiment: str
     stock_optuna: bool
     argv: tuple = ()  # the command line that made the plan, saved for --resume
     resume: Optional[dict] = None  # rekd-search.json of the search being resumed
     verbose: bool = False  # libraries' logs and a private Ray's worker output on the console too
+    cpu_only: bool = False  # trials request no GPU, whatever the study asks
+
+    @property
+    def folder(self) -> Path:
+        """The search's own folder: state, lock, Optuna study, summary, driver.log."""
+        return self.local_path / self.name
 
 
 def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
     """The checked plan of a new search, or of the one --resume names (rebuilt from its saved command line).
 
-    On --resume the folder the search is in now (--storage-path) wins over the one it was started in, and
-    --tracking-uri, when given, over the store it was tracked in: results folders get moved."""
+    On --resume the folders the search is in now (--storage-path, --local-path) win over the ones it was
+    started in, and --tracking-uri, when given, over the store it was tracked in: results folders get moved."""
     if args.resume:
-        storage_path = Path(args.storage_path).expanduser().resolve()
-        folder = storage_path / args.resume
+        local_path = local_folder(args)
+        folder = local_path / args.resume
         state = read_state(folder, args.resume)
         saved = build_parser().parse_args(state["argv"])
         if saved.study != args.study:
             raise UsageError(f"--resume {args.resume} is a search of study {saved.study!r}, not {args.study!r}")
-        saved.storage_path = str(storage_path)
+        # Trials' storage apart from the search's folder (a URI, a shared mount) stays where it was; trials
+        # kept in the search's folder follow it when it moved.
+        apart = saved.storage_path if saved.storage_path and (saved.local_path or trial_storage.is_uri(
+            saved.storage_path)) else None
+        saved.storage_path = args.storage_path or apart or str(local_path)
+        saved.local_path = str(local_path)
         saved.tracking_uri = args.tracking_uri or (  # the default store: beside the results, wherever they are
-            default_store_uri(storage_path) if state["tracking_uri"] == DEFAULT_STORE else state["tracking_uri"])
-        check_resumable(folder, args.resume)
+            default_store_uri(local_path) if state["tracking_uri"] == DEFAULT_STORE else state["tracking_uri"])
+        check_resumable(folder, trial_storage.join(trial_storage.resolve(saved.storage_path), args.resume),
+                        args.resume)
         plan = new_plan(saved, state["argv"], must_be_new=False)
-        return dataclasses.replace(plan, resume=state, verbose=args.verbose)
+        return dataclasses.replace(plan, resume=state, verbose=args.verbose, cpu_only=args.cpu_only or plan.cpu_only)
     return new_plan(args, argv, must_be_new=True)
 
 
@@ -132,16 +152,28 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
             overrides[flag] = value
     study = study.with_overrides(params=searched, fixed=fixed, **overrides)
     base = resolve(study.base_config())
-    storage_path = Path(args.storage_path).expanduser().resolve()
-    check_writable(storage_path)
+    storage_path = trial_storage.resolve(args.storage_path or RESULTS_FOLDER)
+    local_path = local_folder(args)
+    check_writable(local_path, "--local-path" if args.local_path else "--storage-path")
+    if trial_storage.is_uri(storage_path):
+        trial_storage.check_reachable(storage_path)
+    elif Path(storage_path) != local_path:
+        check_writable(Path(storage_path))
     name = args.name or f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if must_be_new and args.name and (storage_path / name).exists():
-        raise name_taken(storage_path / name)
+    if must_be_new and args.name and (local_path / name).exists():
+        raise name_taken(local_path / name)
     argv = [*argv, "--name", name] if "--name" not in argv else list(argv)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri, storage_path)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, local_path)
     experiment = args.experiment or f"rekd-{study.name}{SMOKE_SUFFIX if args.smoke_test else ''}"
-    return SearchPlan(study, base, name, storage_path, tracking_uri, experiment, args.stock_optuna, tuple(argv),
-                      verbose=args.verbose)
+    return SearchPlan(study, base, name, local_path, storage_path, tracking_uri, experiment, args.stock_optuna,
+                      tuple(argv), verbose=args.verbose, cpu_only=args.cpu_only)
+
+
+def local_folder(args) -> Path:
+    """--local-path; else --storage-path when it is a folder; else ./rekd-results."""
+    storage = args.storage_path or RESULTS_FOLDER
+    chosen = args.local_path or (RESULTS_FOLDER if trial_storage.is_uri(storage) else storage)
+    return Path(chosen).expanduser().resolve()
 
 
 def check_writable(path: Path, flag: str = "--storage-path") -> None:
@@ -178,11 +210,11 @@ def claim_name(plan: SearchPlan, chosen: bool) -> tuple[SearchPlan, FileLock]:
     start time) taken by a search started in the same second gets a suffix: two `make run` at once both run."""
     base = plan.name
     for n in itertools.count(2):
-        lock = claim_new(plan.storage_path / plan.name)
+        lock = claim_new(plan.folder)
         if lock is not None:
             return plan, lock
         if chosen:
-            raise name_taken(plan.storage_path / plan.name)
+            raise name_taken(plan.folder)
         name = f"{base}-{n}"
         argv = list(plan.argv)
         argv[argv.index("--name") + 1] = name
@@ -208,11 +240,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
         if plan.resume:
-            lock = claim_existing(plan.storage_path / plan.name)
+            lock = claim_existing(plan.folder)
             check_parent_run(client, plan.resume, plan.name, plan.tracking_uri)
         else:
             plan, lock = claim_name(plan, chosen=args.name is not None)
-        folder = plan.storage_path / plan.name
+        folder = plan.folder
         library_log.write_to(folder)
         from rekd.driver import run_search
 

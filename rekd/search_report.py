@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
+from rekd import trial_storage
 from rekd.cli import python_command
 from rekd.ranking import rank_key
 from rekd.search_state import default_store_uri
@@ -103,7 +104,9 @@ class Summary:
                   f"({self.epochs_saved / max(self.epochs_budget, 1):.0%})")
         for warning in self.warnings:
             print(f"warning: {warning}")
-        print(f"results: {plan.storage_path / plan.name} (what Ray, MLflow and Optuna logged: driver.log)")
+        print(f"results: {plan.folder} (what Ray, MLflow and Optuna logged: driver.log)")
+        if plan.storage_path != str(plan.local_path):
+            print(f"trials and checkpoints: {trial_storage.join(plan.storage_path, plan.name)}")
         print("\n".join(ui_hint(plan.tracking_uri, plan.experiment, experiment_id, parent_run_id, RANK_METRIC)))
         if how == "finished":
             print(f"next: {best_command(plan)}")

@@ -1,4 +1,4 @@
-"""A search's folder, `<storage-path>/<name>`: who owns it, what it records, and whether it can be resumed.
+"""A search's folder, `<local-path>/<name>`: who owns it, what it records, and whether it can be resumed.
 
 One driver at a time writes a search. A new search creates its folder with one atomic `mkdir` (so of two
 searches started at once under one name exactly one gets it); a driver then holds the folder's lock
@@ -84,9 +84,12 @@ def read_state(folder: Path, name: str) -> dict:
     return state
 
 
-def check_resumable(folder: Path, name: str) -> None:
-    """The Optuna study and Tune's experiment state are there and readable; else one line, before Tune."""
+def check_resumable(folder: Path, tune_folder: str, name: str) -> None:
+    """The Optuna study (in the search's folder) and Tune's experiment state (in `tune_folder`, the same folder
+    or under a storage URI) are there and readable; else one line, before Tune."""
     from ray import tune
+
+    from rekd import trial_storage
 
     optuna_db = folder / OPTUNA_FILE
     if not optuna_db.is_file():
@@ -106,15 +109,21 @@ def check_resumable(folder: Path, name: str) -> None:
     except Exception as e:
         raise UsageError(f"--resume {name}: its Optuna study {optuna_db} is unreadable "
                          f"({first_line(e)}); the search cannot be resumed") from None
-    states = list(folder.glob("experiment_state-*.json"))
-    if not states or not tune.Tuner.can_restore(str(folder)):  # can_restore looks for tuner.pkl only
-        raise UsageError(f"--resume {name}: Tune's experiment state is missing from {folder}; "
+    try:
+        fs, path = trial_storage.filesystem(tune_folder)
+        states = trial_storage.names(fs, path, "experiment_state-*.json")
+        restorable = bool(states) and tune.Tuner.can_restore(tune_folder)  # can_restore looks for tuner.pkl only
+    except OSError as e:
+        raise UsageError(f"--resume {name}: Tune's experiment state in {tune_folder} cannot be read "
+                         f"({first_line(e)}); the search cannot be resumed") from None
+    if not restorable:
+        raise UsageError(f"--resume {name}: Tune's experiment state is missing from {tune_folder}; "
                          "the search cannot be resumed")
-    for path in states:
+    for state in states:
         try:
-            json.loads(path.read_text())
+            json.loads(trial_storage.read_text(fs, f"{path}/{state}") or "")
         except (OSError, ValueError) as e:
-            raise UsageError(f"--resume {name}: Tune's experiment state {path} is corrupt "
+            raise UsageError(f"--resume {name}: Tune's experiment state {tune_folder}/{state} is corrupt "
                              f"({first_line(e)}); the search cannot be resumed") from None
 
 

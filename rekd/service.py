@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from rekd.cli import Parser, run
 from rekd.errors import UsageError
-from rekd.ray_session import private_temp_folder
+from rekd.ray_session import FIXED_CLUSTER_ENV, private_temp_folder
 
 PROG = "python -m rekd.service"
 HOST = "127.0.0.1"
@@ -147,7 +147,10 @@ def server_env(args, state: dict) -> dict[str, str]:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind every Ray process to 127.0.0.1 (ray 2.60)
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             # Jobs submitted to this Ray inherit its environment: they track to this server by default.
-            "MLFLOW_TRACKING_URI": f"http://{HOST}:{args.mlflow_port}"}
+            "MLFLOW_TRACKING_URI": f"http://{HOST}:{args.mlflow_port}",
+            # One machine, nothing autoscales: a search here runs on CPUs when the machine has no GPU,
+            # instead of waiting for GPU nodes that never come (rekd.driver.trial_resources).
+            FIXED_CLUSTER_ENV: "1"}
 
 
 def launch(args, state_dir: Path, state: dict) -> dict[str, subprocess.Popen]:

@@ -50,6 +50,11 @@ SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every chil
 OUTCOME_TAG = "rekd.outcome"
 INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
 RERUN_TAG = "rekd.rerun_epochs"  # "first-last": epochs a continued trial ran again (their checkpoint was lost)
+# Where a trial runs (and what it continued from), as its results say (rekd.trainable) -> its run's tags. rekd.node_ids lists every node it
+# ran on, in order: a trial restored on another node after a node failure shows both.
+PLACEMENT_TAGS = {"node_id": "rekd.node_id", "device": "rekd.device", "gpu_ids": "rekd.gpu_ids",
+                  "restored_from": "rekd.restored_from"}  # the checkpoint a continued trial started from
+NODES_TAG = "rekd.node_ids"
 # Bookkeeping Tune adds to every result; not metrics of the network.
 TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s",
              "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
@@ -168,6 +173,7 @@ class MlflowTrialTracker(Callback):
         self.epochs = epochs
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id (kept across driver restarts)
         self.unfinished: set[str] = set()  # trials started and not yet ended (kept across driver restarts)
+        self.nodes: dict[str, list[str]] = {}  # trial id -> the Ray nodes it ran on, in order
         self._init_runtime()
 
     @classmethod
@@ -177,12 +183,15 @@ class MlflowTrialTracker(Callback):
 
     def get_state(self) -> dict:  # saved by Tune with its experiment state, given back on restore
         with self._wake:
-            return {"runs": dict(self.runs), "unfinished": sorted(self.unfinished), "pending": list(self._queue)}
+            return {"runs": dict(self.runs), "unfinished": sorted(self.unfinished), "pending": list(self._queue),
+                    "nodes": {k: list(v) for k, v in self.nodes.items()}}
 
     def set_state(self, state: dict) -> None:
         with self._wake:
             self.runs.update(state.get("runs", {}))
             self.unfinished = set(state.get("unfinished", [])) | self.unfinished
+            for trial_id, nodes in state.get("nodes", {}).items():
+                self.nodes.setdefault(trial_id, list(nodes))
             self._queue.extendleft(reversed(state.get("pending", [])))
 
     def _init_runtime(self) -> None:
@@ -197,6 +206,9 @@ class MlflowTrialTracker(Callback):
         self.refused: list[tuple[tuple, str]] = []  # (op, error) the store refused for good: never retried
         self._one_at_a_time = False  # after a refused batch: find the op it refuses
         self._logged_epoch: dict[str, int] = {}  # continued trials: the last epoch their run had logged
+        self._placed: dict[str, dict] = {}  # trial id -> the placement tags last sent
+        if not hasattr(self, "nodes"):  # a tracker pickled before placements were recorded
+            self.nodes = {}
         _ACTIVE.add(self)
 
     def __getstate__(self) -> dict:  # Tune snapshots its callbacks: the queue's content, not its thread
@@ -218,8 +230,21 @@ class MlflowTrialTracker(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         metrics = numeric_metrics(result, step, int(result.get("timestamp", 0) * 1000))
-        if metrics:
-            self._submit(("log", trial.trial_id, metrics, [], []))
+        tags = self.placement_tags(trial.trial_id, result)
+        if metrics or tags:
+            self._submit(("log", trial.trial_id, metrics, [], tags))
+
+    def placement_tags(self, trial_id: str, result: dict) -> list[RunTag]:
+        """The trial's node, device and GPU ids when they are new or changed (a trial restored elsewhere)."""
+        placed = {tag: str(result[key]) for key, tag in PLACEMENT_TAGS.items() if key in result}
+        if not placed or placed == self._placed.get(trial_id):
+            return []
+        self._placed[trial_id] = placed
+        nodes = self.nodes.setdefault(trial_id, [])
+        node = placed.get(PLACEMENT_TAGS["node_id"])
+        if node and (not nodes or nodes[-1] != node):
+            nodes.append(node)
+        return [RunTag(k, v) for k, v in placed.items()] + [RunTag(NODES_TAG, ",".join(nodes))]
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}

@@ -24,10 +24,30 @@ from rekd.checkpoint import FILENAME
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
 from rekd.errors import UsageError
-from rekd.train import NonFiniteLoss, train
+from rekd.train import NonFiniteLoss, select_device, train
 
 STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom
 STOP_DETAIL = "stop_detail"
+RESTORED_FROM = "restored_from"  # the checkpoint a continued trial started from, in its results
+
+
+def placement(device_setting: str) -> dict:
+    """Where this trial runs: its Ray node, its torch device and the GPUs Ray gave it (the tracker tags the
+    trial's run with them, so a search that meant GPUs and ran on CPUs shows it)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    device = select_device(device_setting)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gpu_ids = context.get_accelerator_ids().get("GPU", [])
+    return {"node_id": context.get_node_id(), "device": str(device), "gpu_ids": ",".join(map(str, gpu_ids))}
+
+
+def storage_uri(checkpoint: tune.Checkpoint) -> str:
+    """The checkpoint's folder as a user names it: a path, or a URI for an object store (s3://bucket/...)."""
+    scheme = checkpoint.filesystem.type_name if checkpoint.filesystem is not None else "local"
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
 def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: Optional[dict] = None) -> None:
@@ -43,11 +63,15 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
         if checkpoint is not None:
             with checkpoint.as_directory() as restored:
                 shutil.copy(Path(restored) / FILENAME, run_dir / FILENAME)
-            restored_from = f"{checkpoint.path}/{FILENAME}"
+            restored_from = f"{storage_uri(checkpoint)}/{FILENAME}"
 
         last: dict = {}
+        where = placement(cfg.device)
+        if restored_from:
+            where[RESTORED_FROM] = restored_from
 
         def report(metrics: dict) -> None:
+            metrics = {**metrics, **where}
             if metrics.get("diverged"):  # train() raises NonFiniteLoss right after this report
                 metrics = {**metrics, STOP_REASON: "non_finite_loss",
                            STOP_DETAIL: f"training diverged in epoch {metrics['epoch']}: non-finite loss or weights"}
@@ -68,7 +92,7 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
             detail = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
             # No metric in this result (the driver turns Tune's strict metric check off): ASHA and the
             # searcher pass over it, the tracker tags the reason.
-            tune.report({"epoch": last.get("epoch", 0), STOP_REASON: "cuda_oom", STOP_DETAIL: detail[:300]})
+            tune.report({"epoch": last.get("epoch", 0), STOP_REASON: "cuda_oom", STOP_DETAIL: detail[:300], **where})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
