@@ -1,0 +1,47 @@
+"""What trials request: the study's GPU fraction wherever GPUs may come, CPUs only by choice or where none
+ever will; and where each trial ran, as its MLflow run's tags say."""
+import dataclasses
+
+from rekd.driver import trial_resources
+from rekd.search import build_parser, plan_from_args
+from rekd.tracking import MlflowTrialTracker
+
+
+def plan(tmp_path, *extra):
+    args = ["sparse_kd", "--smoke-test", "--storage-path", str(tmp_path), *extra]
+    return plan_from_args(build_parser().parse_args(args), args)
+
+
+def test_a_cluster_that_may_grow_gets_the_studys_gpu_fraction_even_with_no_gpu_up_yet(tmp_path):
+    p = plan(tmp_path)
+    assert p.study.gpus == 0.25
+    resources, note = trial_resources(p, cluster_gpus=0, fixed=False)
+    assert resources == {"cpu": p.study.cpus, "gpu": 0.25}
+    assert "trials wait for GPU nodes" in note and "--cpu-only" in note
+    assert trial_resources(p, cluster_gpus=8, fixed=False) == ({"cpu": p.study.cpus, "gpu": 0.25}, "")
+    assert trial_resources(p, cluster_gpus=1, fixed=True) == ({"cpu": p.study.cpus, "gpu": 0.25}, "")
+
+
+def test_cpus_only_by_choice_by_the_study_or_where_no_gpu_will_ever_join(tmp_path):
+    p = plan(tmp_path, "--cpu-only")
+    assert p.cpu_only
+    assert trial_resources(p, cluster_gpus=8, fixed=False) == ({"cpu": p.study.cpus, "gpu": 0}, "")
+    no_gpu_study = dataclasses.replace(plan(tmp_path), study=dataclasses.replace(p.study, gpus=0.0), cpu_only=False)
+    assert trial_resources(no_gpu_study, cluster_gpus=8, fixed=False)[0]["gpu"] == 0
+    resources, note = trial_resources(plan(tmp_path), cluster_gpus=0, fixed=True)
+    assert resources["gpu"] == 0 and "none will join" in note
+
+
+def test_a_trial_restored_on_another_node_lists_both_and_tags_only_what_changed():
+    tracker = MlflowTrialTracker("sqlite:///unused.db", "0", "parent", "s", 4)
+    first = {"node_id": "n1", "device": "cuda:0", "gpu_ids": "3"}
+    tags = {t.key: t.value for t in tracker.placement_tags("t1", {**first, "epoch": 1})}
+    assert tags == {"rekd.node_id": "n1", "rekd.device": "cuda:0", "rekd.gpu_ids": "3", "rekd.node_ids": "n1"}
+    assert tracker.placement_tags("t1", {**first, "epoch": 2}) == []  # unchanged: nothing sent again
+    moved = {"node_id": "n2", "device": "cuda:0", "gpu_ids": "0",
+             "restored_from": "s3://b/s/trial_t1/checkpoint_000001/last.pt"}
+    tags = {t.key: t.value for t in tracker.placement_tags("t1", moved)}
+    assert tags["rekd.node_ids"] == "n1,n2" and tags["rekd.gpu_ids"] == "0"
+    assert tags["rekd.restored_from"].startswith("s3://b/")
+    assert tracker.get_state()["nodes"] == {"t1": ["n1", "n2"]}  # kept with Tune's experiment state
+    assert tracker.placement_tags("t2", {"epoch": 1}) == []  # a result that says nothing about where
