@@ -17,7 +17,7 @@ from rekd.datasets import DataSplits
 from rekd.provenance import provenance
 from rekd.interrupt import Interruption
 from rekd import trial_storage
-from rekd.ray_session import fixed_cluster, start_ray, stop_ray
+from rekd.ray_session import fixed_cluster, gpu_request, start_ray, stop_ray
 from rekd.search import PROG as PROG_NAME, SearchPlan, build_parser, teacher_weights_for
 from rekd.search_report import summarize
 from rekd.storage_watch import StorageWatch, storage_error
@@ -114,20 +114,9 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
 
 
 def trial_resources(plan: SearchPlan, cluster_gpus: float, fixed: bool) -> tuple[dict, str]:
-    """What each trial (and the teacher task) requests, and a line that says why when it is not the study's.
-
-    The study's GPU fraction is requested whenever it is set, even if the cluster has no GPU node at this
-    moment: Ray's autoscaler starts GPU nodes for requests that wait. Only a Ray that has all the nodes it
-    will ever have (a private one, rekd.service's) knows that none will come."""
-    study = plan.study
-    if plan.cpu_only or not study.gpus:
-        return {"cpu": study.cpus, "gpu": 0}, ""
-    if fixed and not cluster_gpus:
-        return {"cpu": study.cpus, "gpu": 0}, "no GPU in this Ray, and none will join: trials run on CPUs"
-    note = "" if cluster_gpus else (
-        "the cluster has no GPU now: trials wait for GPU nodes (Ray's autoscaler starts them for waiting "
-        "requests); --cpu-only runs them on CPUs instead")
-    return {"cpu": study.cpus, "gpu": study.gpus}, note
+    """What each trial (and the teacher task) requests, and a line that says why when it is not the study's."""
+    gpus, note = gpu_request(plan.study.gpus, plan.cpu_only, cluster_gpus, fixed)
+    return {"cpu": plan.study.cpus, "gpu": gpus}, note
 
 
 def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> str:

@@ -93,6 +93,22 @@ def fixed_cluster() -> bool:
     return _private_dir is not None or os.environ.get(FIXED_CLUSTER_ENV) == "1"
 
 
+def gpu_request(wanted: float, cpu_only: bool, cluster_gpus: float, fixed: bool) -> tuple[float, str]:
+    """The GPUs a task asks for, and a line that says why when it is not what the study wants.
+
+    The study's GPU fraction is requested whenever it is set, even if the cluster has no GPU node at this
+    moment: Ray's autoscaler starts GPU nodes for requests that wait. Only a Ray that has all the nodes it
+    will ever have (`fixed`: a private one, rekd.service's) knows that none will come."""
+    if cpu_only or not wanted:
+        return 0, ""
+    if fixed and not cluster_gpus:
+        return 0, "no GPU in this Ray, and none will join: tasks run on CPUs"
+    if not cluster_gpus:
+        return wanted, ("the cluster has no GPU now: tasks wait for GPU nodes (Ray's autoscaler starts them for "
+                        "waiting requests); --cpu-only runs them on CPUs instead")
+    return wanted, ""
+
+
 def check_cluster_address() -> None:
     """RAY_ADDRESS, when set, names a Ray that answers: checked in seconds, before a command writes anything."""
     address = os.environ.get(ENV, "").strip()

@@ -64,6 +64,8 @@ def build_parser() -> Parser:
     p.add_argument("--experiment", help="MLflow experiment (default rekd-reproduce; rekd-reproduce-smoke with --smoke-test)")
     p.add_argument("--verbose", action="store_true",
                    help="also show what Ray, MLflow and Optuna log (always kept in the reproduction's driver.log)")
+    p.add_argument("--cpu-only", action="store_true",
+                   help="run every task on CPUs, even where the cluster has or can start GPU nodes")
     p.add_argument("--smoke-test", action="store_true",
                    help=f"{SMOKE['epochs']} epochs x {SMOKE['seeds']} seeds, every ratio: about a minute on a CPU")
     return p
@@ -96,10 +98,11 @@ class ReproducePlan:
     tracking_uri: str
     experiment: str
     cpus: float  # per task, the study's resources
-    gpus: float  # per task, used only where the cluster has GPUs
+    gpus: float  # per task (rekd.ray_session.gpu_request: not where no GPU will ever be)
     best_file: Optional[str] = None
     notes: tuple[str, ...] = ()  # said at the start, e.g. a best file tuned on other data
     verbose: bool = False  # libraries' logs and a private Ray's worker output on the console too
+    cpu_only: bool = False  # tasks request no GPU, whatever the study asks
 
     @property
     def kd_settings(self) -> dict:
@@ -162,7 +165,7 @@ def plan_from_args(args) -> ReproducePlan:
     return ReproducePlan(args.table, base, tuple(range(n_seeds)), ratios, sources, out_dir, name,
                          tracking_uri, args.experiment or f"rekd-reproduce{SMOKE_SUFFIX if args.smoke_test else ''}",
                          study.cpus,
-                         study.gpus, args.best, notes)
+                         study.gpus, args.best, notes, cpu_only=args.cpu_only)
 
 
 def parse_ratios(text: Optional[str], table: str) -> tuple[float, ...]:

@@ -22,7 +22,7 @@ from rekd.library_log import LibraryLog
 from rekd.provenance import provenance
 from rekd.reproduce import ReproducePlan, RunSpec
 from rekd.reproduce_table import Row, csv_text, markdown, plot, rows_from, summary_metrics
-from rekd.ray_session import start_ray
+from rekd.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.teachers import cpu_weights
 from rekd.tracking import PARENT_TAG, ROLE_TAG, flat_params, numeric_metrics
 from rekd.tracking_store import open_store
@@ -92,12 +92,13 @@ def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], client, experime
     import ray
 
     start_ray(worker_output=plan.verbose)
-    gpus = plan.gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    gpus, gpu_note = gpu_request(plan.gpus, plan.cpu_only, ray.cluster_resources().get("GPU", 0), fixed_cluster())
     resources = {"num_cpus": plan.cpus, "num_gpus": gpus}
     specs = plan.runs()
     print(f"reproduce {plan.name}: {plan.describe()}", flush=True)
-    for note in plan.notes:
-        print(note, flush=True)
+    for note in (*plan.notes, gpu_note):
+        if note:
+            print(note, flush=True)
     print(f"{len(specs)} training runs as Ray tasks, {{cpu: {plan.cpus:g}, gpu: {gpus:g}}} each", flush=True)
     data_refs = {seed: ray.put(splits) for seed, splits in data.items()}
     baseline = ray.remote(baseline_task).options(num_returns=2, **resources)

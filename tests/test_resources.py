@@ -17,7 +17,7 @@ def test_a_cluster_that_may_grow_gets_the_studys_gpu_fraction_even_with_no_gpu_u
     assert p.study.gpus == 0.25
     resources, note = trial_resources(p, cluster_gpus=0, fixed=False)
     assert resources == {"cpu": p.study.cpus, "gpu": 0.25}
-    assert "trials wait for GPU nodes" in note and "--cpu-only" in note
+    assert "tasks wait for GPU nodes" in note and "--cpu-only" in note
     assert trial_resources(p, cluster_gpus=8, fixed=False) == ({"cpu": p.study.cpus, "gpu": 0.25}, "")
     assert trial_resources(p, cluster_gpus=1, fixed=True) == ({"cpu": p.study.cpus, "gpu": 0.25}, "")
 

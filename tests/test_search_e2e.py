@@ -50,6 +50,8 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "best config" in job.stdout and "early stopping saved" in job.stdout
+    # the service's Ray is this machine and nothing more: no GPU will come, so the trials ran on CPUs
+    assert "no GPU in this Ray, and none will join: tasks run on CPUs" in job.stdout
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # the job tracked to the service's server by default
     experiment = client.get_experiment_by_name("rekd-sparse_kd-smoke")
@@ -66,6 +68,9 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     stopped = []
     for child in children:
         assert {"prune_ratio", "temperature", "alpha"} <= set(child.data.params)
+        tags = child.data.tags
+        assert tags["rekd.device"] == "cpu" and tags["rekd.gpu_ids"] == "" and tags["rekd.node_id"]
+        assert tags["rekd.node_ids"] == tags["rekd.node_id"]  # one node, never moved
         history = client.get_metric_history(child.info.run_id, "val_acc")
         outcome = child.data.tags["rekd.outcome"]
         assert outcome in ("completed", "stopped_early")
