@@ -22,7 +22,7 @@ from rekd.tracking import first_line
 STATE_FILE = "rekd-search.json"
 LOCK_FILE = ".rekd-driver.lock"
 OPTUNA_FILE = "optuna.db"
-DEFAULT_STORE = "default"  # the state file's tracking URI when the search used <storage-path>/mlflow.db
+DEFAULT_STORE = "default"  # the state file's tracking URI when the search used <local-path>/mlflow.db
 
 
 def default_store_uri(storage_path: Path) -> str:

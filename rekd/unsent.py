@@ -1,4 +1,4 @@
-"""MLflow calls a search could not make: kept in `<storage-path>/<name>/mlflow-unsent.json`, sent later.
+"""MLflow calls a search could not make: kept in `<local-path>/<name>/mlflow-unsent.json`, sent later.
 
 `python -m rekd.unsent FOLDER [--tracking-uri URI]` sends them once, in order. Some may have reached the store
 before the outage was noticed (a request can succeed while its response is lost), so nothing is sent twice: a
@@ -224,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     p = Parser(prog=PROG, description="Send the MLflow calls a search kept while its tracking store was unreachable.")
-    p.add_argument("folder", help=f"the search's results folder (<storage-path>/<name>) or its {FILE_NAME}")
+    p.add_argument("folder", help=f"the search's folder (<local-path>/<name>) or its {FILE_NAME}")
     p.add_argument("--tracking-uri", help="the store to send them to (default: the one the search used)")
     args = p.parse_args(argv)
     path = Path(args.folder).expanduser().resolve()
