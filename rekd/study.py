@@ -57,7 +57,7 @@ class Study:
     num_samples: int = 16
     max_concurrency: int = 2
     cpus: float = 1.0  # per trial
-    gpus: float = 0.0  # per trial, fractions allowed; used only where the cluster has GPUs
+    gpus: float = 0.0  # per trial, fractions allowed (rekd.ray_session.gpu_request says when it is requested)
     smoke_test: dict = field(default_factory=dict)
     description: str = ""
 
