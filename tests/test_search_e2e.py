@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from processes import descendants, free_port
+from processes import LOOPBACK, descendants, free_port, listening_sockets
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -104,31 +104,6 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     runs = client.search_runs([experiment.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{finals[0].info.run_id}'")
     assert len(runs) == 2 * 3  # (baseline + 2 configs) x 2 seeds
-
-
-def listening_sockets(pids: set[int]) -> list[str]:
-    """Local addresses of TCP sockets in LISTEN state owned by the given processes."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    addresses = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A = LISTEN
-                addresses.append(local.split(":")[0])
-    return addresses
-
-
-
-LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::ffff:127.0.0.1, ::1
 
 
 def test_the_service_listens_on_loopback_only_and_keeps_token_auth(service):
