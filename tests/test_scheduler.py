@@ -3,6 +3,7 @@ follow the same rule as in an uninterrupted search (ray issue 30838 leaves them 
 import json
 from types import SimpleNamespace
 
+import pyarrow.fs
 from ray.tune.schedulers import TrialScheduler
 
 from rekd.scheduler import ResumableASHA
@@ -10,6 +11,7 @@ from rekd.scheduler import ResumableASHA
 # (trial, epoch, val_acc) in the order an uninterrupted search saw them
 HISTORY = [("a", 1, 0.50), ("b", 1, 0.70), ("a", 2, 0.60), ("c", 1, 0.40), ("b", 2, 0.80), ("d", 1, 0.65),
            ("b", 3, 0.85), ("b", 4, 0.90), ("d", 2, 0.75)]
+LOCAL = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem())  # where Tune keeps a trial: a folder here
 LATER = [("e", 1, 0.55), ("e", 2, 0.62), ("d", 3, 0.70)]
 
 
@@ -36,7 +38,7 @@ def test_a_restored_scheduler_rebuilds_its_rungs_and_decides_as_before(tmp_path)
         folder.mkdir()
         lines = [json.dumps({"training_iteration": e, "val_acc": v}) for n, e, v in HISTORY if n == name]
         (folder / "result.json").write_text("\n".join(lines) + "\n")
-        restored_trials[name] = SimpleNamespace(trial_id=name, path=str(folder))
+        restored_trials[name] = SimpleNamespace(trial_id=name, path=str(folder), storage=LOCAL)
         restored.on_trial_add(None, restored_trials[name])
     assert [dict(r) for _, r in restored._brackets[0]._rungs] == [dict(r) for _, r in straight._brackets[0]._rungs]
     assert any(r for _, r in restored._brackets[0]._rungs)
