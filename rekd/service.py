@@ -12,6 +12,7 @@ SIGTERM, and the MLflow server takes its workers with it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -34,6 +35,17 @@ HOST = "127.0.0.1"
 STATE_FILE = "service.json"
 
 
+def count(text: str) -> int:
+    """An integer >= 0, for argparse: a bad one becomes argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer >= 0")
+    return value
+
+
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Start, stop or inspect the local Ray head and MLflow server (127.0.0.1 only).")
     p.add_argument("action", choices=("start", "stop", "status", "env"))
@@ -45,6 +57,7 @@ def build_parser() -> Parser:
     p.add_argument("--agent-port", type=int, default=52365, help="Ray dashboard agent HTTP port (default 52365)")
     p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow tracking server port (default 5000)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
+    p.add_argument("--num-gpus", type=count, help="GPUs Ray may schedule (default: the ones it detects)")
     p.add_argument("--timeout", type=float, default=90, help="seconds to wait for each service to answer")
     return p
 
@@ -163,6 +176,8 @@ def launch(args, state_dir: Path, state: dict) -> dict[str, subprocess.Popen]:
                f"--temp-dir={state['ray_temp_dir']}", "--disable-usage-stats"]
     if args.num_cpus:
         ray_cmd.append(f"--num-cpus={args.num_cpus}")
+    if args.num_gpus is not None:
+        ray_cmd.append(f"--num-gpus={args.num_gpus}")
     mlflow_cmd = [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(args.mlflow_port),
                   "--workers", "1",
                   "--backend-store-uri", f"sqlite:///{state_dir.resolve() / 'mlflow.db'}",

@@ -41,7 +41,7 @@ def placement(device_setting: str) -> dict:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     gpu_ids = context.get_accelerator_ids().get("GPU", [])
-    return {"node_id": context.get_node_id(), "device": str(device), "gpu_ids": ",".join(map(str, gpu_ids))}
+    return {"node_id": context.get_node_id(), "device": str(device), "gpu_ids": ",".join(map(str, gpu_ids)) or "none"}
 
 
 def storage_uri(checkpoint: tune.Checkpoint) -> str:

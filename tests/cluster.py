@@ -30,12 +30,12 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 SECOND_NODE_GATE = "ENABLE_RAY_CLUSTER"
 
 
-def start_service(state_dir: Path, env: dict, num_cpus: int) -> dict:
+def start_service(state_dir: Path, env: dict, num_cpus: int, *extra: str) -> dict:
     """`python -m rekd.service start` on free ports; returns its state and the clients' environment."""
     ports = [free_port() for _ in range(5)]
     start = [sys.executable, "-m", "rekd.service", "start", "--state-dir", str(state_dir), "--num-cpus", str(num_cpus),
              "--ray-port", str(ports[0]), "--dashboard-port", str(ports[1]), "--client-port", str(ports[2]),
-             "--mlflow-port", str(ports[3]), "--agent-port", str(ports[4])]
+             "--mlflow-port", str(ports[3]), "--agent-port", str(ports[4]), *extra]
     proc = subprocess.run(start, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     lines = subprocess.run([sys.executable, "-m", "rekd.service", "env", "--state-dir", str(state_dir)],

@@ -1,6 +1,15 @@
 """What trials request: the study's GPU fraction wherever GPUs may come, CPUs only by choice or where none
 ever will; and where each trial ran, as its MLflow run's tags say."""
 import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from cluster import BIN, ROOT, start_service, stop_service
+from mlflow.tracking import MlflowClient
 
 from rekd.driver import trial_resources
 from rekd.search import build_parser, plan_from_args
@@ -45,3 +54,42 @@ def test_a_trial_restored_on_another_node_lists_both_and_tags_only_what_changed(
     assert tags["rekd.restored_from"].startswith("s3://b/")
     assert tracker.get_state()["nodes"] == {"t1": ["n1", "n2"]}  # kept with Tune's experiment state
     assert tracker.placement_tags("t2", {"epoch": 1}) == []  # a result that says nothing about where
+
+
+def most_at_once(runs) -> int:
+    """The largest number of runs that were running at the same moment."""
+    events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
+    running = best = 0
+    for _, step in events:
+        running += step
+        best = max(best, running)
+    return best
+
+
+@pytest.mark.slow
+def test_on_a_ray_with_one_gpu_trials_share_it_in_quarters_and_say_what_they_used(tmp_path):
+    """A Ray that declares one GPU (Ray schedules GPU fractions and sets CUDA_VISIBLE_DEVICES whether or not a
+    card is there): the study's 0.25 is requested, so trials run side by side on GPU 0 where whole-GPU
+    requests would run one at a time; each run says which GPU Ray gave it and which device it really used
+    (no CUDA on this machine: the CPU)."""
+    tmp = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    try:
+        service = start_service(tmp / "service", env, 4, "--num-gpus", "1")
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--", "python", "-m", "rekd.search", "sparse_kd", "--smoke-test",
+             "--num-samples", "4", "--max-concurrency", "4", "--storage-path", str(tmp_path / "r"),
+             "--name", "gpu-share"], capture_output=True, text=True, cwd=ROOT, env=service["env"], timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "4 at once, {'cpu': 1.0, 'gpu': 0.25} each" in job.stdout
+        client = MlflowClient(service["env"]["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("rekd-sparse_kd-smoke")
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string="tags.`rekd.search` = 'gpu-share' and tags.`rekd.role` = 'trial'")
+        assert len(children) == 4
+        for run in children:
+            assert run.data.tags["rekd.gpu_ids"] == "0" and run.data.tags["rekd.device"] == "cpu", run.data.tags
+        assert most_at_once(children) >= 2  # a whole GPU each would have run them one at a time
+    finally:
+        stop_service(tmp / "service")
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,7 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     for child in children:
         assert {"prune_ratio", "temperature", "alpha"} <= set(child.data.params)
         tags = child.data.tags
-        assert tags["rekd.device"] == "cpu" and tags["rekd.gpu_ids"] == "" and tags["rekd.node_id"]
+        assert tags["rekd.device"] == "cpu" and tags["rekd.gpu_ids"] == "none" and tags["rekd.node_id"]
         assert tags["rekd.node_ids"] == tags["rekd.node_id"]  # one node, never moved
         history = client.get_metric_history(child.info.run_id, "val_acc")
         outcome = child.data.tags["rekd.outcome"]

@@ -130,7 +130,7 @@ def test_a_search_loses_no_trial_when_a_node_dies(cluster, tmp_path):
     for run in children:
         tags = run.data.tags
         assert run.info.status == "FINISHED" and tags["rekd.outcome"] == "completed", tags
-        assert tags["rekd.device"] == "cpu" and tags["rekd.gpu_ids"] == ""
+        assert tags["rekd.device"] == "cpu" and tags["rekd.gpu_ids"] == "none"
         assert_gap_free(client, run)
     moved = next(r for r in children if r.info.run_id == moved.info.run_id)
     stayed = next(r for r in children if r is not moved)
