@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from rekd.checkpoint import FILENAME, load_checkpoint
 from rekd.cli import Parser, format_metrics, run
 from rekd.config import MODES, TrainConfig, read_settings_file
@@ -99,6 +101,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except NonFiniteLoss as e:
         print(f"{PROG}: stopped: {e}; try a lower lr (checkpoint of the last good epoch in {run_dir})", file=sys.stderr)
         return 1
+    except torch.OutOfMemoryError as e:  # the batch does not fit this card: the user's to change, not a bug
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        raise UsageError(f"batch_size={cfg.batch_size} (T={cfg.timesteps}, {cfg.arch}) does not fit the GPU: "
+                         f"{first[:160]}; lower batch_size (--set batch_size=N)") from None
     if cfg.mode == "baseline":  # a finished baseline is the teacher sparse_kd runs of this config look for
         as_teacher = dataclasses.replace(cfg, teacher_epochs=cfg.epochs)
         if load_cached_teacher(as_teacher) is None:

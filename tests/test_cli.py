@@ -99,3 +99,20 @@ def test_a_run_writes_its_folder_resumes_and_becomes_the_teacher_of_sparse_kd(tm
                              "--out", str(tmp_path / "kd")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert distil.returncode == 0, distil.stderr
     assert "training the baseline" not in distil.stderr and "teacher_val_acc=" in distil.stdout
+
+
+def test_a_batch_too_large_for_the_gpu_is_one_line_that_says_what_to_lower(tmp_path, capsys, monkeypatch):
+    import rekd.train_cli
+
+    def out_of_memory(*args, **kwargs):  # what torch raises when the card is full (no card here)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\n"
+                                     "See documentation for Memory Management")
+
+    monkeypatch.setattr(rekd.train_cli, "train", out_of_memory)
+    code, out, err = run_main(["baseline", "--set", "batch_size=200000", "--out", str(tmp_path / "run"),
+                               "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "batch_size=200000" in lines[0] and "does not fit the GPU: CUDA out of memory" in lines[0]
+    assert "lower batch_size (--set batch_size=N)" in lines[0]
