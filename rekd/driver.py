@@ -47,7 +47,8 @@ def parent_params(plan: SearchPlan) -> list[Param]:
         "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
         "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,
         "num_samples": s.num_samples, "max_concurrency": s.max_concurrency,
-        "resources.cpu": s.cpus, "resources.gpu": s.gpus, "cpu_only": plan.cpu_only,
+        "resources.cpu": s.cpus, "resources.gpu": s.gpus, "resources.cpu_fallback": s.cpu_fallback,
+        "cpu_only": plan.cpu_only,
         "optuna": "stock" if plan.stock_optuna else "pruned_fix",
         **{f"fixed.{k}": v for k, v in plan.base.to_dict().items() if k not in {p.name for p in s.params}},
         **describe_space(plan),
@@ -162,7 +163,8 @@ class Search:
         plan, study = self.plan, self.plan.study
         searched = {p.name for p in study.params}
         fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher), resources)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher,
+                                                             cpu_fallback=study.cpu_fallback), resources)
         if plan.resume:
             # Trials, searcher (and its Optuna study), callbacks come back from the experiment folder, with
             # the paths of where the search was started: they are pointed at where it is now.

@@ -22,7 +22,7 @@ from rekd.tracking import OUTCOME_TAG
 from rekd.tracking_store import RESULTS_FOLDER
 from rekd.ui import ui_hint
 
-OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "interrupted")
+OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "cuda_unusable", "interrupted")
 TOP = 5
 RANK_METRIC = "rank"  # on each trial's run at the end: its place by rekd.ranking, 1 = best
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
@@ -34,7 +34,7 @@ class TrialRow:
     params: dict
     value: float  # the metric at the trial's last epoch
     epochs: int
-    outcome: str  # completed | stopped_early | errored | non_finite_loss | cuda_oom | interrupted
+    outcome: str  # completed | stopped_early | errored | non_finite_loss | cuda_oom | cuda_unusable | interrupted
 
 
 @dataclass

@@ -58,6 +58,7 @@ class Study:
     max_concurrency: int = 2
     cpus: float = 1.0  # per trial
     gpus: float = 0.0  # per trial, fractions allowed (rekd.ray_session.gpu_request says when it is requested)
+    cpu_fallback: bool = False  # a trial given a GPU that torch cannot use trains on CPUs instead of failing
     smoke_test: dict = field(default_factory=dict)
     description: str = ""
 
@@ -126,7 +127,8 @@ def load_study(name_or_path: str) -> Study:
     smoke = expect(raw.get("smoke_test", {}), dict, "smoke_test", fail, f"a mapping of {', '.join(SMOKE_KEYS)}")
     for block, value, allowed in (("sampler", sampler, ("type", "seed")),
                                   ("asha", asha, ("grace_period", "reduction_factor")),
-                                  ("resources", resources, ("cpu", "gpu")), ("smoke_test", smoke, SMOKE_KEYS)):
+                                  ("resources", resources, ("cpu", "gpu", "cpu_fallback")),
+                                  ("smoke_test", smoke, SMOKE_KEYS)):
         extra = sorted(set(value) - set(allowed))
         if extra:
             raise fail(f"{block}.{extra[0]}", f"unknown key; allowed: {', '.join(allowed)}")
@@ -145,6 +147,8 @@ def load_study(name_or_path: str) -> Study:
         max_concurrency=integer(raw.get("max_concurrency", 2), "max_concurrency", fail, minimum=1),
         cpus=number(resources.get("cpu", 1), "resources.cpu", fail, minimum=0.01),
         gpus=number(resources.get("gpu", 0), "resources.gpu", fail, minimum=0.0),
+        cpu_fallback=expect(resources.get("cpu_fallback", False), bool, "resources.cpu_fallback", fail,
+                            "true or false"),
         smoke_test={k: integer(v, f"smoke_test.{k}", fail, minimum=1) for k, v in smoke.items()},
         description=expect(raw.get("description", ""), str, "description", fail, "a string"),
     )

@@ -4,7 +4,7 @@ Metrics take one road: trial -> tune.report -> this Tune callback in the driver 
 talk to MLflow themselves, so a trial cannot block on the tracking server and the runs stay consistent.
 Ray's stock MLflowLoggerCallback makes flat runs; these carry `mlflow.parentRunId`, the trial's
 settings as params by their own names, its metrics per epoch (step = epoch) and a `rekd.outcome` tag:
-completed, stopped_early (ASHA, with `rekd.stopped_at_epoch`), non_finite_loss or cuda_oom (the trial
+completed, stopped_early (ASHA, with `rekd.stopped_at_epoch`), non_finite_loss, cuda_oom or cuda_unusable (the trial
 stopped itself, with `rekd.stop_detail`), or errored.
 """
 from __future__ import annotations
@@ -413,9 +413,9 @@ class MlflowTrialTracker(Callback):
             return
         if kind == "log":
             tags = op[4]
-            logged = self._logged_epoch.get(trial_id, 0)
-            again = [m.step for m in op[2] if m.key == "epoch" and m.step <= logged]  # not the summary's rank
-            if again:
+            logged = self._logged_epoch.get(trial_id)  # set for a continued trial only
+            again = [m.step for m in op[2] if m.key == "epoch" and logged is not None and m.step <= logged]
+            if again:  # (the summary's rank metric is not an epoch)
                 # A continued trial runs an epoch MLflow already has again: its checkpoint was lost with the
                 # interruption (it was written, but Tune had not registered it). Both runs of the epoch stay
                 # in the history, and the run says so.

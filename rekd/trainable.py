@@ -26,7 +26,7 @@ from rekd.datasets import DataSplits
 from rekd.errors import UsageError
 from rekd.train import NonFiniteLoss, select_device, train
 
-STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom
+STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom | cuda_unusable
 STOP_DETAIL = "stop_detail"
 RESTORED_FROM = "restored_from"  # the checkpoint a continued trial started from, in its results
 
@@ -50,7 +50,18 @@ def storage_uri(checkpoint: tune.Checkpoint) -> str:
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
-def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: Optional[dict] = None) -> None:
+def unusable_gpu(gpu_ids: str, device_setting: str) -> str:
+    """Why the GPU Ray gave this trial cannot be used by torch ("" when it can, or none was given, or the
+    trial was told to use the CPU): a node whose driver is missing or too old for torch's CUDA."""
+    if gpu_ids == "none" or device_setting != "auto" or torch.cuda.is_available():
+        return ""
+    return (f"Ray gave this trial GPU {gpu_ids} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}) "
+            f"but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it; check the node's NVIDIA "
+            f"driver, or set resources.cpu_fallback: true in the study to train such trials on CPUs")
+
+
+def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: Optional[dict] = None,
+              cpu_fallback: bool = False) -> None:
     # One line per epoch per trial saying a checkpoint was written drowns the driver's table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config, source="trial config")
@@ -67,6 +78,10 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
 
         last: dict = {}
         where = placement(cfg.device)
+        unusable = unusable_gpu(where["gpu_ids"], cfg.device)
+        if unusable and not cpu_fallback:  # a GPU search that trains on CPUs would mislead: said, not hidden
+            tune.report({"epoch": 0, STOP_REASON: "cuda_unusable", STOP_DETAIL: unusable[:500], **where})
+            return
         if restored_from:
             where[RESTORED_FROM] = restored_from
 

@@ -8,12 +8,17 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from cluster import BIN, ROOT, start_service, stop_service
 from mlflow.tracking import MlflowClient
 
 from rekd.driver import trial_resources
+from rekd.errors import UsageError
 from rekd.search import build_parser, plan_from_args
+from rekd.study import load_study
 from rekd.tracking import MlflowTrialTracker
+from rekd.trainable import unusable_gpu
 
 
 def plan(tmp_path, *extra):
@@ -56,6 +61,20 @@ def test_a_trial_restored_on_another_node_lists_both_and_tags_only_what_changed(
     assert tracker.placement_tags("t2", {"epoch": 1}) == []  # a result that says nothing about where
 
 
+def test_a_gpu_torch_cannot_use_is_named_unless_the_trial_was_told_to_use_the_cpu(tmp_path):
+    assert not torch.cuda.is_available()  # this machine: a GPU Ray declares is one torch cannot use
+    assert unusable_gpu("none", "auto") == "" and unusable_gpu("0", "cpu") == ""
+    reason = unusable_gpu("0", "auto")
+    assert "Ray gave this trial GPU 0" in reason and "cpu_fallback: true" in reason
+    study = tmp_path / "s.yaml"
+    text = (ROOT / "search_spaces" / "baseline.yaml").read_text()
+    study.write_text(text.replace("resources: {cpu: 1, gpu: 0.25}", "resources: {cpu: 1, gpu: 0.25, cpu_fallback: yes}"))
+    assert load_study(str(study)).cpu_fallback is True
+    study.write_text(text.replace("resources: {cpu: 1, gpu: 0.25}", "resources: {cpu: 1, gpu: 0.25, cpu_fallback: 2}"))
+    with pytest.raises(UsageError, match="resources.cpu_fallback: 2 has the wrong type; allowed: true or false"):
+        load_study(str(study))
+
+
 def most_at_once(runs) -> int:
     """The largest number of runs that were running at the same moment."""
     events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1) for r in runs])
@@ -67,29 +86,52 @@ def most_at_once(runs) -> int:
 
 
 @pytest.mark.slow
-def test_on_a_ray_with_one_gpu_trials_share_it_in_quarters_and_say_what_they_used(tmp_path):
+def test_on_a_ray_with_one_gpu_trials_share_it_in_quarters_and_never_hide_that_they_used_the_cpu(tmp_path):
     """A Ray that declares one GPU (Ray schedules GPU fractions and sets CUDA_VISIBLE_DEVICES whether or not a
     card is there): the study's 0.25 is requested, so trials run side by side on GPU 0 where whole-GPU
-    requests would run one at a time; each run says which GPU Ray gave it and which device it really used
-    (no CUDA on this machine: the CPU)."""
+    requests would run one at a time. torch cannot use that GPU here: a study that allows it trains on the
+    CPU and each run says so (GPU 0 given, device cpu); a study that does not stops its trials with the
+    reason, rather than passing CPU results off as a GPU search."""
     tmp = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))  # short: Ray's socket paths
     env = {**os.environ, "TMPDIR": str(tmp)}
+    study = yaml.safe_load((ROOT / "search_spaces" / "sparse_kd.yaml").read_text())
+    study["resources"] = {**study["resources"], "cpu_fallback": True}
+    (tmp_path / "fallback.yaml").write_text(yaml.safe_dump(study))
     try:
         service = start_service(tmp / "service", env, 4, "--num-gpus", "1")
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--", "python", "-m", "rekd.search", "sparse_kd", "--smoke-test",
-             "--num-samples", "4", "--max-concurrency", "4", "--storage-path", str(tmp_path / "r"),
-             "--name", "gpu-share"], capture_output=True, text=True, cwd=ROOT, env=service["env"], timeout=600)
+
+        def search(*args):
+            return subprocess.run([str(BIN / "ray"), "job", "submit", "--", "python", "-m", "rekd.search", *args,
+                                   "--smoke-test", "--storage-path", str(tmp_path / "r")],
+                                  capture_output=True, text=True, cwd=ROOT, env=service["env"], timeout=600)
+
+        client = MlflowClient(service["env"]["MLFLOW_TRACKING_URI"])
+
+        def trials(experiment: str, name: str):
+            found = client.get_experiment_by_name(experiment)
+            return client.search_runs([found.experiment_id],
+                                      filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'trial'")
+
+        job = search("sparse_kd", "--search-space", str(tmp_path / "fallback.yaml"), "--num-samples", "4",
+                     "--max-concurrency", "4", "--name", "gpu-share")
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "4 at once, {'cpu': 1.0, 'gpu': 0.25} each" in job.stdout
-        client = MlflowClient(service["env"]["MLFLOW_TRACKING_URI"])
-        experiment = client.get_experiment_by_name("rekd-sparse_kd-smoke")
-        children = client.search_runs([experiment.experiment_id],
-                                      filter_string="tags.`rekd.search` = 'gpu-share' and tags.`rekd.role` = 'trial'")
+        children = trials("rekd-sparse_kd-smoke", "gpu-share")
         assert len(children) == 4
         for run in children:
             assert run.data.tags["rekd.gpu_ids"] == "0" and run.data.tags["rekd.device"] == "cpu", run.data.tags
         assert most_at_once(children) >= 2  # a whole GPU each would have run them one at a time
+
+        job = search("baseline", "--num-samples", "2", "--name", "no-fallback")
+        assert job.returncode == 1, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "no trial produced a result" in job.stdout + job.stderr and "MLflow unreachable" not in job.stdout + job.stderr
+        runs = trials("rekd-baseline-smoke", "no-fallback")
+        assert len(runs) == 2
+        for run in runs:
+            tags = run.data.tags
+            assert run.info.status == "FAILED" and tags["rekd.outcome"] == "cuda_unusable", tags
+            assert "Ray gave this trial GPU 0" in tags["rekd.stop_detail"]
+            assert "resources.cpu_fallback: true" in tags["rekd.stop_detail"]
     finally:
         stop_service(tmp / "service")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -89,3 +89,20 @@ def test_error_summary_finds_the_exception_in_tunes_failure_text():
     assert error_summary(RuntimeError(text)) == ("rekd.errors.UsageError: checkpoint "
                                                  "'/r/s/trial_1/checkpoint_000002/last.pt' is not a readable torch file")
     assert error_summary(RuntimeError("plain message")) == "plain message"
+
+
+def test_a_trial_that_stops_itself_before_its_first_epoch_ends_failed_with_its_reason(tmp_path):
+    """A trial that reports only epoch 0 (its GPU unusable, say) is a fresh run, not an epoch logged again."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, "tracking")
+    tracker = MlflowTrialTracker(uri, experiment_id, client.create_run(experiment_id).info.run_id, "s", epochs=4)
+    trial = SimpleNamespace(trial_id="t0", config={"lr": 0.1}, last_result=None)
+    tracker.on_trial_start(0, [trial], trial)
+    trial.last_result = {"epoch": 0, "stop_reason": "cuda_unusable", "stop_detail": "GPU 0 unusable", "timestamp": 1}
+    tracker.on_trial_result(0, [trial], trial, trial.last_result)
+    tracker.on_trial_complete(0, [trial], trial)
+    assert tracker.close(timeout=10) == [] and tracker.failures == 0
+    run = client.get_run(tracker.runs["t0"])
+    assert run.info.status == "FAILED" and run.data.tags[OUTCOME_TAG] == "cuda_unusable"
+    assert run.data.tags["rekd.stop_detail"] == "GPU 0 unusable" and "rekd.rerun_epochs" not in run.data.tags
