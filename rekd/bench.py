@@ -107,6 +107,46 @@ def snn_vs_ann(arch: str, quick: bool) -> Row:
                "ratio", 1.25, f"snn {t_snn * 1e3:.1f} ms, ann {t_ann * 1e3:.1f} ms")
 
 
+def compile_row(arch: str, quick: bool) -> Row:
+    """What torch.compile does to a CPU training step (rekd.train's step, baseline mode): compiled / eager
+    step time, and the cold compile time (an empty kernel cache) it has to win back. `compile: auto` stays
+    off on CPUs because of this row."""
+    from rekd.optim import Optimization
+    from rekd.train import OBJECTIVES, train_step
+
+    channels, size, classes, timesteps, batch = SHAPES[arch]
+    if quick and arch == "resnet18":
+        batch = 8
+    cfg = TrainConfig(arch=arch).resolved(timesteps)
+    x = torch.rand(timesteps, batch, channels, size, size)
+    y = torch.randint(0, classes, (batch,))
+    steps = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = build_model(cfg, channels, classes, size).to(memory_format=LAYOUT)
+        optimization = Optimization(cfg, model, 1000, torch.device("cpu"))
+        forward = model.compiled() if name == "compiled" else model
+        steps[name] = functools.partial(train_step, forward, None, OBJECTIVES["baseline"], optimization, x, y, cfg)
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="rekd-bench-compile-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold: what a first run on a machine pays
+        torch.compiler.reset()
+        start = time.perf_counter()
+        steps["compiled"]()
+        cold = time.perf_counter() - start
+        times = interleaved_median_times(steps, 2, 3 if quick else 10)
+    if previous is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    saved = times["eager"] - times["compiled"]
+    paid_back = f"paid back after {cold / saved:,.0f} steps" if saved > 0 else "never paid back"
+    return Row(f"compiled_step / eager_step [{arch}, T={timesteps}, batch {batch}, cpu]",
+               times["compiled"] / times["eager"], "ratio", None,
+               f"compiled {times['compiled'] * 1e3:.1f} ms, eager {times['eager'] * 1e3:.1f} ms; cold compile "
+               f"{cold:.1f} s, {paid_back}")
+
+
 def distillation_overhead(quick: bool) -> list[Row]:
     """sparse_kd and default_kd training steps against a baseline step, through rekd.train.train_step."""
     from rekd.datasets import load_dataset
@@ -119,7 +159,7 @@ def distillation_overhead(quick: bool) -> list[Row]:
     x, y = data.train.x[:32], data.train.y[:32]
     inputs = data.to_input(x, base.timesteps)
     times, steps = {}, {}
-    for mode in ("baseline", "sparse_kd", "sparse_kd per step", "default_kd"):
+    for mode in ("baseline", "sparse_kd", "sparse_kd per step", "sparse_kd per step compiled", "default_kd"):
         cfg = dataclasses.replace(base, mode=mode.split()[0], prune_ratio=0.5)
         torch.manual_seed(0)
         model = build_model(cfg, data.in_channels, data.num_classes, data.resolution)
@@ -133,8 +173,9 @@ def distillation_overhead(quick: bool) -> list[Row]:
             cached = teacher_outputs(teacher, data, data.train, cfg, optimization)
             times["precompute"] = time.perf_counter() - start
             given = cached[torch.arange(32)]
-        steps[mode] = functools.partial(train_step, model, teacher, OBJECTIVES[cfg.mode], optimization, inputs, y,
-                                        cfg, teacher_logits=given)
+        teacher_forward = teacher.compiled() if mode.endswith("compiled") else teacher
+        steps[mode] = functools.partial(train_step, model, teacher_forward, OBJECTIVES[cfg.mode], optimization,
+                                        inputs, y, cfg, teacher_logits=given)
     times.update(interleaved_median_times(steps, 3, 25 if quick else 60))
     steps_per_epoch = len(data.train) // 32
     amortised = times["sparse_kd"] + times["precompute"] / (base.epochs * steps_per_epoch)
@@ -145,6 +186,10 @@ def distillation_overhead(quick: bool) -> list[Row]:
         Row("sparse_kd_step / baseline_step [tiny, teacher forward every step, as with augmentation]",
             times["sparse_kd per step"] / times["baseline"], "ratio", 1.40,
             f"teacher in inference mode; {times['sparse_kd per step'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
+        Row("sparse_kd_step / baseline_step [tiny, teacher forward every step, compiled teacher]",
+            times["sparse_kd per step compiled"] / times["baseline"], "ratio", 1.25,
+            f"the teacher's body compiled (compile: true), the student eager; "
+            f"{times['sparse_kd per step compiled'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
         Row("default_kd_step / baseline_step [tiny, digits]", times["default_kd"] / times["baseline"], "ratio", 1.03,
             f"virtual teacher; {times['default_kd'] * 1e3:.1f} vs {times['baseline'] * 1e3:.1f} ms"),
     ]
@@ -292,7 +337,7 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Measure rekd's costs as ratios and compare them with their targets.")
     p.add_argument("--quick", action="store_true", help="a reduced set in a few minutes")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--only", choices=("snn", "kd", "data", "harness", "search", "gpu"), action="append",
+    p.add_argument("--only", choices=("snn", "compile", "kd", "data", "harness", "search", "gpu"), action="append",
                    help="run only these groups (repeatable); gpu runs only where CUDA is present")
     return p
 
@@ -305,10 +350,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rekd.bench_search import search_efficiency
 
     args = build_parser().parse_args(argv)
-    groups = args.only or ["snn", "kd", "data", "harness", "search", "gpu"]
+    groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "gpu"]
     rows: list[Row] = []
     if "snn" in groups:
         rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
+    if "compile" in groups:
+        rows += [compile_row("tiny", args.quick), compile_row("resnet18", args.quick)]
     if "kd" in groups:
         rows += distillation_overhead(args.quick)
     if "data" in groups:

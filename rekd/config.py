@@ -19,6 +19,7 @@ MODES = ("baseline", "sparse_kd", "default_kd")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
 SURROGATES = ("atan", "sigmoid")
+COMPILE = ("auto", "true", "false")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 # Usual slopes for each surrogate (spikingjelly's defaults).
 DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}
@@ -59,10 +60,17 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of the training split held out for validation
     eval_test: bool = False  # also score the test split every epoch (final runs, not tuning)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
+    # bf16 autocast on CUDA (fp16 with loss scaling on GPUs without bf16); fp32 on CPU. None = auto: on where the
+    # training step is compiled, off in eager mode, where bf16 measured slower than fp32 (README, Performance).
+    amp: Optional[bool] = None
     channels_last: bool = True  # NHWC activations and conv weights: faster pooling on CPUs, tensor cores on GPUs
+    # torch.compile the student's and the teacher's bodies: auto = on CUDA, and on CPUs where rekd.bench shows
+    # it pays (rekd.optim.for_device) | true | false. Numerics as eager up to float rounding.
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # YAML's `compile: true` and a search space's [true, false]
+            object.__setattr__(self, "compile", str(self.compile).lower())
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), FIELD_TYPES[f.name])
         for name, (ok, allowed) in _CHECKS.items():
@@ -134,6 +142,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer 0..2**32-1"),
     "val_fraction": (lambda v: 0 < v <= 0.5, "0 < val_fraction <= 0.5"),
     "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto | cpu | cuda | cuda:N"),
+    "compile": (lambda v: v in COMPILE, " | ".join(COMPILE)),
     "dataset": (lambda v: v != "", "a dataset name"),
     "arch": (lambda v: v != "", "an architecture name"),
 }

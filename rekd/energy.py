@@ -27,6 +27,11 @@ def dense_macs(module: nn.Module, output: torch.Tensor) -> int:
     return output.numel() * module.in_features  # nn.Linear
 
 
+def accumulator(x: torch.Tensor) -> torch.dtype:
+    """float64 sums where the device has them (an epoch's SOPs reach 1e13, past float32's exact range)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 class SpikeMonitor:
     """Counts spikes and synaptic operations while active: `with SpikeMonitor(model) as m: ...; m.summary()`."""
 
@@ -52,19 +57,22 @@ class SpikeMonitor:
             handle.remove()
         self.handles.clear()
 
+    # The counts stay on the device until summary(): reading a count back per batch and layer would make
+    # the host wait for the GPU dozens of times per evaluation batch.
     def _count_spikes(self, name: str):
         def hook(module, inputs, output):
-            self.spikes[name] += float(output.detach().float().sum())
+            self.spikes[name] = self.spikes[name] + output.detach().sum(dtype=accumulator(output))
             self.neurons[name] += output.numel()
         return hook
 
     def _count_ops(self, module, inputs, output):
         x = inputs[0].detach()
         macs = dense_macs(module, output)
-        if bool(((x == 0) | (x == 1)).all()):
-            self.sops += macs * float((x != 0).float().mean())
-        else:
-            self.macs += macs
+        dtype = accumulator(x)
+        spikes = ((x == 0) | (x == 1)).all().to(dtype)  # 1: binary input, accumulates; 0: multiply-accumulates
+        rate = (x != 0).sum(dtype=dtype) / x.numel()
+        self.sops = self.sops + spikes * rate * macs
+        self.macs = self.macs + (1 - spikes) * macs
 
     def _count_samples(self, module, inputs, output):
         self.samples += output.shape[0]  # output: (N, classes)
@@ -72,6 +80,8 @@ class SpikeMonitor:
     def summary(self) -> dict[str, float]:
         """Per-sample SOPs, MACs and energy (uJ), the mean firing rate, and each IF layer's rate."""
         n = max(self.samples, 1)
+        self.spikes = defaultdict(float, {name: float(count) for name, count in self.spikes.items()})
+        self.sops, self.macs = float(self.sops), float(self.macs)
         rates = {name: self.spikes[name] / max(self.neurons[name], 1) for name in self.spikes}
         total_neurons = sum(self.neurons.values())
         stats = {

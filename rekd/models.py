@@ -163,11 +163,25 @@ class SpikingNet(nn.Module):
         functional.set_step_mode(self.body, "m")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (T, N, C, H, W) -> (N, classes)
+        return self.readout(self.body, x)
+
+    def readout(self, body: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         try:
-            return self.body(x).mean(0)
+            return body(x).mean(0)
         finally:
             # The autograd graph keeps what backward needs; the neurons' own state must not outlive the batch.
             functional.reset_net(self.body)
+
+    def compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This network's forward pass with the body compiled by torch.compile.
+
+        Only the body is compiled: spikingjelly's reset_net walks a global module cache that compilation
+        would guard on (a recompile per network), and it is cheap in eager mode. The compiled body is held
+        by the returned function, not registered on the module, so the weights keep their names (no
+        `_orig_mod.` in checkpoints or the teacher cache) and evaluation with hooks stays eager.
+        """
+        body = torch.compile(self.body)
+        return lambda x: self.readout(body, x)
 
 
 class InferenceIF(nn.Module):

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from rekd.storage import load_tensors, save_atomic
 
 # Settings that do not change which network a baseline run produces.
 NOT_DETERMINING = ("mode", "cache_dir", "download", "epochs", "eval_test", "device", "amp", "channels_last",
-                   "prune_ratio", "temperature", "alpha", "confidence", "data_root")
+                   "compile", "prune_ratio", "temperature", "alpha", "confidence", "data_root")
 EXTERNAL_DATA = ("cifar100", "dvsgesture")  # datasets read from data_root: their location is part of the key
 
 
@@ -81,3 +81,7 @@ class PrunedTeacher(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, N, C, H, W) -> (N, classes)
         return self.net(x)
+
+    def compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward pass with the network's body compiled (SpikingNet.compiled), in inference mode."""
+        return torch.inference_mode()(self.net.compiled())

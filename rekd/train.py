@@ -24,7 +24,7 @@ from rekd.energy import SpikeMonitor
 from rekd.errors import UsageError
 from rekd.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
 from rekd.models import ARCHS, SpikingNet, build_model
-from rekd.optim import Optimization
+from rekd.optim import Optimization, for_device
 from rekd.registry import lookup
 from rekd.teachers import (PrunedTeacher, baseline_config, cpu_weights, load_cached_teacher, store_teacher,
                            teacher_path)
@@ -116,7 +116,10 @@ def make_teacher(cfg: TrainConfig, data: DataSplits, weights: Optional[dict]) ->
     return PrunedTeacher(cfg, weights, data.in_channels, data.num_classes, data.resolution)
 
 
-def train_step(model: SpikingNet, teacher: Optional[PrunedTeacher], objective, optimization: Optimization,
+Forward = Callable[[torch.Tensor], torch.Tensor]  # a network, or its compiled forward pass
+
+
+def train_step(model: Forward, teacher: Optional[Forward], objective, optimization: Optimization,
                inputs: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                teacher_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One optimizer step; returns (loss, ce, kd, correct) summed over the batch, still on the device.
@@ -144,8 +147,8 @@ def train(
     progress: bool = False,
 ) -> TrainResult:
     """Train one SNN as `cfg` says; report a flat metrics dict per epoch; checkpoint into run_dir."""
-    cfg = resolve(cfg)
     device = select_device(cfg.device)
+    cfg = for_device(resolve(cfg), device)  # compile and amp here, where the device is known
     torch.manual_seed(cfg.seed)
     data = (data if data is not None else load_dataset(cfg)).to(device)
     layout = torch.channels_last if cfg.channels_last else torch.preserve_format
@@ -168,11 +171,15 @@ def train(
     cached_logits = (teacher_outputs(teacher, data, data.train, cfg, optimization)
                      if teacher is not None and data.augment is None else None)
 
+    compiling = cfg.compile == "true"
+    student_forward: Forward = model.compiled() if compiling else model
+    teacher_forward: Optional[Forward] = (teacher.compiled() if compiling else teacher) if teacher is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         started = time.perf_counter()
         sums = torch.zeros(4, device=device)  # loss, ce, kd, correct (summed over samples)
-        seen = 0
+        seen = timed = 0
+        compile_info = {}
         steps = batches(data.train, cfg.batch_size, generator, drop_last=True, with_index=True)
         if progress:
             from tqdm import tqdm
@@ -180,8 +187,20 @@ def train(
         for x, y, idx in steps:
             inputs = data.to_input(x, cfg.timesteps, generator)  # (T, N, C, H, W)
             given = cached_logits[idx] if cached_logits is not None else None
-            sums += train_step(model, teacher, objective, optimization, inputs, y, cfg, teacher_logits=given)
+            first = compiling and not compile_info and epoch == start_epoch
+            began = time.perf_counter()
+            sums += train_step(student_forward, teacher_forward, objective, optimization, inputs, y, cfg,
+                               teacher_logits=given)
             seen += len(y)
+            if first:  # compilation happens in the first step: timed alone, kept out of the throughput
+                sums.sum().item()
+                compile_info = {"compile_time_s": time.perf_counter() - began}
+                started += compile_info["compile_time_s"]
+                print(f"torch.compile: the {'student and teacher' if teacher_forward is not None else 'network'} "
+                      f"compiled in {compile_info['compile_time_s']:.1f} s (first training step)", file=sys.stderr,
+                      flush=True)
+            else:
+                timed += len(y)
         train_time = time.perf_counter() - started
         loss_sum, ce_sum, kd_sum, correct = sums.tolist()
 
@@ -190,8 +209,8 @@ def train(
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen, "train_ce": ce_sum / seen, "train_kd": kd_sum / seen,
             "train_acc": correct / seen, "val_acc": val_acc, "lr": optimization.lr,
-            "epoch_time_s": train_time, "samples_per_s": seen / train_time,
-            **teacher_info, **spike_stats,
+            "epoch_time_s": train_time, "samples_per_s": timed / train_time if timed else float("nan"),
+            **teacher_info, **compile_info, **spike_stats,
         }
         if cfg.eval_test:
             metrics["test_acc"] = evaluate(model, data, data.test, cfg)[0]

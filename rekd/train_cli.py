@@ -19,9 +19,10 @@ from rekd.cli import Parser, format_metrics, run
 from rekd.config import MODES, TrainConfig, read_settings_file
 from rekd.datasets import load_dataset
 from rekd.errors import UsageError
+from rekd.optim import for_device
 from rekd.provenance import provenance
 from rekd.teachers import cpu_weights, load_cached_teacher, store_teacher
-from rekd.train import NonFiniteLoss, ensure_teacher, resolve, train
+from rekd.train import NonFiniteLoss, ensure_teacher, resolve, select_device, train
 
 PROG = "python -m rekd.train"
 LINE_KEYS = ("train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc", "teacher_val_acc",
@@ -73,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(config_from_args(args))
+    cfg = for_device(cfg, select_device(cfg.device))  # config.json says whether it compiled and in what precision
     progress = sys.stderr.isatty() and not args.no_progress
     # Everything that can fail because of the user's input fails here, before anything is written.
     data = load_dataset(cfg)

@@ -28,6 +28,7 @@ def cache_dir(tmp_path_factory) -> str:
     """One cache for the session (never the user's own): ndigits events and frames are generated once."""
     path = tmp_path_factory.mktemp("rekd-cache")
     os.environ["REKD_CACHE_DIR"] = str(path)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "torchinductor")  # as rekd/__init__ does for REKD_CACHE_DIR
     return str(path)
 
 
