@@ -3,7 +3,10 @@
 1. Training throughput and peak memory of spiking ResNet18, T=4, CIFAR-100-shaped input, batch 128:
    bf16 autocast with and without torch.compile and channels_last, fp32 for reference, and bf16 with each
    of spikingjelly's IF implementations (SJ_IF_CUDA_IMPLEMENTATION = cuda, triton, torch).
-2. Trials per hour of a search whose trials share one GPU, 1, 2 and 4 at a time.
+2. Whole-epoch samples/s of the three modes through train() (resnet18, synthetic CIFAR-100 files, batch 128),
+   against the training steps alone, and of 1, 2 and 4 baseline trainings sharing the GPU (processes
+   started together, standing in for Ray trials: Ray's wheel cannot be carried to a lent GPU machine).
+3. Without --quick, trials per hour of a Ray search whose trials share one GPU, 1, 2 and 4 at a time.
 
 Every throughput variant runs in a process of its own (`python -m rekd.bench_gpu VARIANT`): spikingjelly
 chooses its IF implementation when its ops first run, and compile caches and peak-memory counters are
@@ -25,9 +28,11 @@ from typing import Optional, Sequence
 import torch
 
 from rekd.config import TrainConfig
+from rekd.datasets import load_dataset
 from rekd.models import build_model
 from rekd.optim import Optimization
-from rekd.train import OBJECTIVES, train_step
+from rekd.teachers import cpu_weights, load_cached_teacher, store_teacher
+from rekd.train import OBJECTIVES, ensure_teacher, train, train_step
 
 # name -> (environment, settings): amp (bf16 autocast), compile, channels_last
 VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -140,18 +145,101 @@ def sharing_rows(quick: bool) -> list:
     return rows
 
 
+def measure_epochs(mode: str, device: str, data_root: str, cache_dir: str, arch: str, batch: int,
+                   epochs: int = 2) -> dict:
+    """Samples per second of whole epochs of `train()` (training, validation with its spike statistics and
+    the checkpoint-free report: what a trial's epoch costs) against the training steps alone, from the last
+    epoch (the first one compiles). sparse_kd's teacher is the cached baseline of the same settings."""
+    cfg = TrainConfig(mode=mode, dataset="cifar100", arch=arch, data_root=data_root, cache_dir=cache_dir,
+                      epochs=epochs, batch_size=batch, device=device, prune_ratio=0.5)
+    weights = ensure_teacher(cfg) if mode == "sparse_kd" else None
+    marks = [time.perf_counter()]
+    result = train(cfg, teacher_weights=weights, on_epoch=lambda m: marks.append(time.perf_counter()))
+    if mode == "baseline" and load_cached_teacher(result.config) is None:  # sparse_kd's teacher, as rekd.train does
+        store_teacher(result.config, cpu_weights(result.model), result.final["val_acc"])
+    last = result.final
+    return {"samples_per_s": last["samples_per_s"],
+            "whole_epoch_samples_per_s": len(load_dataset(result.config).train) / (marks[-1] - marks[-2]),
+            "compile_time_s": result.history[0].get("compile_time_s", 0.0), "compile": result.config.compile,
+            "amp": result.config.amp}
+
+
+def epochs_in_subprocesses(mode: str, k: int, device: str, root: Path, cache: Path, arch: str, batch: int) -> list[dict]:
+    """measure_epochs in k processes started together: k trials sharing one GPU (rekd.train processes stand in
+    for Ray trials, whose wheel is too large to carry to a lent GPU machine)."""
+    command = [sys.executable, "-m", "rekd.bench_gpu", "epochs", mode, "--device", device, "--data-root", str(root),
+               "--cache-dir", str(cache), "--arch", arch, "--batch", str(batch)]
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)]
+    results = []
+    for process in running:
+        out, err = process.communicate()
+        if process.returncode != 0:
+            lines = err.strip().splitlines()
+            results.append({"error": lines[-1] if lines else f"exit status {process.returncode}"})
+        else:
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def epoch_rows(quick: bool, device: str = "cuda", arch: str = "resnet18", batch: int = 128,
+               n_train: Optional[int] = None) -> list:
+    """Whole-epoch samples/s of the three modes through train(), and of 1, 2 and 4 baseline trials sharing
+    the GPU, on synthetic CIFAR-100 files (the real release is not on the GPU machine)."""
+    from rekd.bench import Row
+    from rekd.datasets.synthetic import make_cifar100_folder
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rekd-bench-gpu-") as tmp:
+        n = n_train or (5000 if quick else 20000)
+        root = make_cifar100_folder(Path(tmp) / "data", n_train=n, n_test=500)
+        cache = Path(tmp) / "cache"
+        baseline = None
+        for mode in ("baseline", "sparse_kd", "default_kd"):
+            [r] = epochs_in_subprocesses(mode, 1, device, root, cache, arch, batch)
+            name = f"{arch} {mode} whole epoch, cifar100-shaped, batch {batch} [{device}]"
+            if "error" in r:
+                rows.append(Row(name, float("nan"), "samples/s", None, f"did not run: {r['error'][:160]}"))
+                continue
+            baseline = r["whole_epoch_samples_per_s"] if mode == "baseline" else baseline
+            relative = f"{r['whole_epoch_samples_per_s'] / baseline:.2f}x baseline; " if baseline else ""
+            rows.append(Row(name, r["whole_epoch_samples_per_s"], "samples/s", None,
+                            f"{relative}steps alone {r['samples_per_s']:,.0f}/s (whole epoch "
+                            f"{r['whole_epoch_samples_per_s'] / r['samples_per_s']:.2f} of it); compile "
+                            f"{r['compile']} ({r['compile_time_s']:.0f} s), amp {r['amp']}", higher_is_better=True))
+        for k in (1, 2, 4):
+            results = epochs_in_subprocesses("baseline", k, device, root, cache, arch, batch)
+            errors = [r["error"] for r in results if "error" in r]
+            name = f"{arch} baseline, {k} trial(s) sharing the GPU, whole epochs [{device}]"
+            if errors:
+                rows.append(Row(name, float("nan"), "samples/s", None, f"did not run: {errors[0][:160]}"))
+                continue
+            each = [r["whole_epoch_samples_per_s"] for r in results]
+            rows.append(Row(name, sum(each), "samples/s", None,
+                            f"in all; each {min(each):,.0f}-{max(each):,.0f}/s", higher_is_better=True))
+    return rows
+
+
 def gpu_rows(quick: bool) -> list:
-    return throughput_rows(quick) + sharing_rows(quick)
+    return throughput_rows(quick) + epoch_rows(quick) + ([] if quick else sharing_rows(quick))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rekd.bench_gpu", description="One throughput variant, as JSON.")
-    p.add_argument("variant", choices=list(VARIANTS))
+    p = argparse.ArgumentParser(prog="python -m rekd.bench_gpu",
+                                description="One measurement in a process of its own, as JSON: a throughput "
+                                            "variant, or `epochs MODE` (whole epochs through train()).")
+    p.add_argument("variant", choices=[*VARIANTS, "epochs"])
+    p.add_argument("mode", nargs="?", choices=("baseline", "sparse_kd", "default_kd"), default="baseline")
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--data-root", help="epochs: a CIFAR-100 folder")
+    p.add_argument("--cache-dir", help="epochs: the teacher cache")
     args = p.parse_args(argv)
-    print(json.dumps(measure(args.device, args.batch, args.steps, **VARIANTS[args.variant][1])))
+    if args.variant == "epochs":
+        print(json.dumps(measure_epochs(args.mode, args.device, args.data_root, args.cache_dir, args.arch, args.batch)))
+    else:
+        print(json.dumps(measure(args.device, args.batch, args.steps, **VARIANTS[args.variant][1])))
     return 0
 
 

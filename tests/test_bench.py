@@ -1,6 +1,8 @@
 """The benchmark's pieces that are not timings: the synthetic objective and the search simulation."""
 import math
 
+import pytest
+
 from rekd.bench import Row, main
 from rekd.bench_search import CURVES, MAX_T, OPTIMUM, STRATEGIES, accuracy, budget_to_reach, final_accuracy, one_search, regret_at
 
@@ -54,3 +56,17 @@ def test_the_gpu_throughput_measurement_runs_on_a_cpu_in_its_own_process():
     assert variant_in_subprocess("bf16 + channels_last", "cpu", 2, 1)["images_per_s"] > 0
     if not torch.cuda.is_available():  # a failing variant becomes a row that says why, not a crash
         assert "error" in variant_in_subprocess("fp32", "cuda", 2, 1)
+
+
+@pytest.mark.slow
+def test_the_gpu_epoch_and_sharing_rows_run_on_a_cpu():
+    """The rows `--only gpu` adds, at a CPU's size: three modes through train() in processes of their own,
+    then 1, 2 and 4 processes at once (no timing is asserted, only that each row measured something)."""
+    from rekd.bench_gpu import epoch_rows
+
+    rows = epoch_rows(quick=True, device="cpu", arch="tiny", batch=32, n_train=256)
+    assert [r.name.split(" whole")[0].split(",")[0] for r in rows] == [
+        "tiny baseline", "tiny sparse_kd", "tiny default_kd", "tiny baseline", "tiny baseline", "tiny baseline"]
+    assert all(r.value > 0 for r in rows), [(r.name, r.detail) for r in rows]
+    assert "compile false" in rows[0].detail and "amp False" in rows[0].detail
+    assert "4 trial(s) sharing the GPU" in rows[-1].name
