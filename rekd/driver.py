@@ -214,6 +214,7 @@ class Search:
         report_unsent(unsent, self.experiment_dir, tracker)
         report_refused(tracker)
         sys.stdout.flush()
+        tracker.raise_if_crashed()
         if interrupted:
             print(f"{PROG_NAME}: search {plan.name} interrupted ({interruption.name}); continue it with\n"
                   f"  {resume_command(plan)}", file=sys.stderr)
@@ -298,5 +299,6 @@ def report_unsent(unsent: list, experiment_dir, tracker: MlflowTrialTracker) -> 
     """Say clearly what never reached MLflow; it is kept next to the results with what sending it later needs."""
     if not unsent:
         return
-    print(f"warning: the MLflow store stayed unreachable; {len(unsent)} logging calls were not made "
+    why = "rekd's MLflow writer failed (the error follows)" if tracker.crashed else "the MLflow store stayed unreachable"
+    print(f"warning: {why}; {len(unsent)} logging calls were not made "
           f"({describe_unsent(unsent)}); {keep_unsent(unsent, experiment_dir, tracker)}", file=sys.stderr)

@@ -23,6 +23,8 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+import requests
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -139,6 +141,13 @@ def refused_for_good(error: Exception) -> bool:
     return 400 <= status < 500 and status not in (408, 429)
 
 
+def transient(error: Exception) -> bool:
+    """The store's trouble, worth waiting for: the server down or slow (MLflow's client raises
+    MlflowException for those), a locked or unreachable database, a network or file-system error.
+    Anything else is a bug in rekd and is not retried as if it were an outage."""
+    return isinstance(error, (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError))
+
+
 def flat_params(settings: dict[str, Any]) -> list[Param]:
     return [Param(key, "none" if value is None else str(value)) for key, value in sorted(settings.items())]
 
@@ -207,6 +216,7 @@ class MlflowTrialTracker(Callback):
         self._one_at_a_time = False  # after a refused batch: find the op it refuses
         self._logged_epoch: dict[str, int] = {}  # continued trials: the last epoch their run had logged
         self._placed: dict[str, dict] = {}  # trial id -> the placement tags last sent
+        self._crashed: Optional[BaseException] = None  # a bug in this writer: raised by raise_if_crashed()
         if not hasattr(self, "nodes"):  # a tracker pickled before placements were recorded
             self.nodes = {}
         _ACTIVE.add(self)
@@ -304,7 +314,7 @@ class MlflowTrialTracker(Callback):
     def _submit(self, op: tuple) -> None:
         with self._wake:
             self._queue.append(op)
-            if self._thread is None or not self._thread.is_alive():
+            if (self._thread is None or not self._thread.is_alive()) and self._crashed is None:
                 self._thread = threading.Thread(target=self._drain, name="rekd-mlflow", daemon=True)
                 self._thread.start()
             self._wake.notify_all()
@@ -326,6 +336,11 @@ class MlflowTrialTracker(Callback):
                 if refused_for_good(e):  # an invalid request: retrying cannot help, and would block the queue
                     self._refuse(ops, e)
                     continue
+                if not transient(e):  # rekd's bug, not the store's outage: stop here, keep the queue, raise later
+                    log.error("the MLflow writer failed on a %r call; what is queued stays unsent", ops[0][0],
+                              exc_info=e)
+                    self._crashed = e
+                    return
                 # server down, timeout, 5xx, a locked database: keep the ops, wait, retry
                 self.failures += 1
                 self.last_error = first_line(e)
@@ -340,6 +355,15 @@ class MlflowTrialTracker(Callback):
             delay = 1.0
             self._one_at_a_time = False
             self._drop(ops)
+
+    @property
+    def crashed(self) -> bool:
+        return self._crashed is not None
+
+    def raise_if_crashed(self) -> None:
+        """After close(): the writer's own error, if it had one (what it left is in close()'s return)."""
+        if self._crashed is not None:
+            raise self._crashed
 
     def _drop(self, ops: list[tuple]) -> None:
         with self._wake:

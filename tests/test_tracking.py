@@ -106,3 +106,24 @@ def test_a_trial_that_stops_itself_before_its_first_epoch_ends_failed_with_its_r
     run = client.get_run(tracker.runs["t0"])
     assert run.info.status == "FAILED" and run.data.tags[OUTCOME_TAG] == "cuda_unusable"
     assert run.data.tags["rekd.stop_detail"] == "GPU 0 unusable" and "rekd.rerun_epochs" not in run.data.tags
+
+
+def test_a_bug_in_the_writer_is_raised_not_retried_as_an_outage(tmp_path):
+    """Only the store's trouble is waited for; rekd's own error stops the writer with the queue kept (to be
+    saved as unsent) and is raised when the search has said what it could."""
+    import pytest
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, "tracking")
+    tracker = MlflowTrialTracker(uri, experiment_id, client.create_run(experiment_id).info.run_id, "s", epochs=4)
+    tracker._client = client
+    client.log_batch = lambda *a, **k: {}["a bug"]  # KeyError, as a bug in rekd would raise
+    trial = SimpleNamespace(trial_id="t0", config={"lr": 0.1}, last_result=None)
+    tracker.on_trial_start(0, [trial], trial)
+    tracker.on_trial_result(0, [trial], trial, {"epoch": 1, "val_acc": 0.5, "timestamp": 1})
+    unsent = tracker.close(timeout=10)
+    assert tracker.crashed and tracker.failures == 0  # never counted as an outage
+    assert [op[0] for op in unsent] == ["start", "log"]
+    with pytest.raises(KeyError, match="a bug"):
+        tracker.raise_if_crashed()
