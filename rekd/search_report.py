@@ -17,9 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from rekd import trial_storage
 from rekd.cli import python_command
 from rekd.ranking import rank_key
-from rekd.search_state import default_store_uri
 from rekd.tracking import OUTCOME_TAG
-from rekd.tracking_store import RESULTS_FOLDER
 from rekd.ui import ui_hint
 
 OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "cuda_unusable", "interrupted")
@@ -113,12 +111,10 @@ class Summary:
 
 
 def best_command(plan) -> str:
-    """The rekd.best command for this search, runnable as printed: this interpreter, and the store named
-    unless it is the one rekd.best reads by default from the current folder."""
-    words = [python_command(), "-m", "rekd.best", plan.experiment, "--top", "3", "--out", "best.yaml"]
-    if plan.tracking_uri != default_store_uri(Path(RESULTS_FOLDER)):
-        words += ["--tracking-uri", plan.tracking_uri]
-    return shlex.join(words)
+    """The rekd.best command for this search, runnable as printed from any folder: this interpreter, and
+    the store named (the default one is relative to the current folder; MLFLOW_TRACKING_URI may differ)."""
+    return shlex.join([python_command(), "-m", "rekd.best", plan.experiment, "--top", "3", "--out", "best.yaml",
+                       "--tracking-uri", plan.tracking_uri])
 
 
 def sort_key(mode: str):

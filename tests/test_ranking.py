@@ -1,6 +1,7 @@
 """One ranking rule: the search's summary (and so its rekd.best_trial tag), rekd.best and what rekd.final and
 rekd.reproduce --best take from its file all name the same best trial, ties included."""
 import math
+import shlex
 from types import SimpleNamespace
 
 import optuna
@@ -14,7 +15,7 @@ from rekd.best import main as best_main
 from rekd.final import load_configs
 from rekd.ranking import rank_key
 from rekd.reproduce import best_config
-from rekd.search_report import summarize
+from rekd.search_report import best_command, summarize
 from rekd.study import load_study
 from rekd.tracking import MlflowTrialTracker
 
@@ -35,7 +36,7 @@ def test_rank_key_puts_full_budget_first_then_the_metric_then_the_smaller_trial_
         rank_key("completed", 0.5, "a", "maximize")
 
 
-def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tmp_path, capsys):
+def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tmp_path, capsys, monkeypatch):
     study = load_study("default_kd").smoke()
     epochs = study.epochs
     optuna.create_study(study_name="tied", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -83,3 +84,10 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     _, configs = load_configs(str(out), None)
     assert configs[0].confidence == pytest.approx(0.92)
     assert best_config(str(out), "default_kd").confidence == pytest.approx(0.92)
+    # The rekd.best command the search prints runs as printed from another folder, the default store too
+    words = shlex.split(best_command(SimpleNamespace(experiment="rekd-default_kd", tracking_uri=uri)))
+    assert words[1:3] == ["-m", "rekd.best"] and words[-2:] == ["--tracking-uri", uri]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert best_main(words[3:]) == 0 and (elsewhere / "best.yaml").is_file()
