@@ -80,15 +80,15 @@ class SpikeMonitor:
     def summary(self) -> dict[str, float]:
         """Per-sample SOPs, MACs and energy (uJ), the mean firing rate, and each IF layer's rate."""
         n = max(self.samples, 1)
-        self.spikes = defaultdict(float, {name: float(count) for name, count in self.spikes.items()})
-        self.sops, self.macs = float(self.sops), float(self.macs)
-        rates = {name: self.spikes[name] / max(self.neurons[name], 1) for name in self.spikes}
+        spikes = {name: float(count) for name, count in self.spikes.items()}  # the one read-back
+        sops, macs = float(self.sops), float(self.macs)
+        rates = {name: spikes[name] / max(self.neurons[name], 1) for name in spikes}
         total_neurons = sum(self.neurons.values())
         stats = {
-            "sops": self.sops / n,
-            "macs": self.macs / n,
-            "energy_uj": (E_MAC_PJ * self.macs + E_AC_PJ * self.sops) / n * 1e-6,
-            "firing_rate": sum(self.spikes.values()) / max(total_neurons, 1),
+            "sops": sops / n,
+            "macs": macs / n,
+            "energy_uj": (E_MAC_PJ * macs + E_AC_PJ * sops) / n * 1e-6,
+            "firing_rate": sum(spikes.values()) / max(total_neurons, 1),
         }
         stats.update({f"firing_rate/{name}": rate for name, rate in rates.items()})
         return stats
