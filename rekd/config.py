@@ -33,7 +33,7 @@ def default_cache_dir() -> str:
 class TrainConfig:
     mode: str = "baseline"  # baseline (cross-entropy only) | sparse_kd (Eq. 5) | default_kd (Eq. 7)
     dataset: str = "digits"  # a key of rekd.datasets.DATASETS
-    arch: str = "tiny"  # a key of rekd.models.ARCHS
+    arch: str = "tiny"  # a key of rekd.snn.models.ARCHS
     data_root: str = "data"  # folder holding cifar100 / dvsgesture in their release layouts
     download: bool = False  # let torchvision fetch CIFAR-100 into data_root when it is missing
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)  # generated data, frames, teachers
@@ -64,8 +64,8 @@ class TrainConfig:
     # training step is compiled, off in eager mode, where bf16 measured slower than fp32 (README, Performance).
     amp: Optional[bool] = None
     channels_last: bool = True  # NHWC activations and conv weights: faster pooling on CPUs, tensor cores on GPUs
-    # torch.compile the student's and the teacher's bodies: auto = on CUDA, and on CPUs where rekd.bench shows
-    # it pays (rekd.optim.for_device) | true | false. Numerics as eager up to float rounding.
+    # torch.compile the student's and the teacher's bodies: auto = on CUDA, and on CPUs where rekd.bench.cpu shows
+    # it pays (rekd.train.optim.for_device) | true | false. Numerics as eager up to float rounding.
     compile: str = "auto"
 
     def __post_init__(self) -> None:

@@ -28,10 +28,10 @@ from typing import Optional, Sequence
 
 from rekd.cli import Parser, run
 from rekd.errors import UsageError
-from rekd.ray_session import FIXED_CLUSTER_ENV, private_temp_folder
+from rekd.tracking.links import HOST
+from rekd.search.ray_session import FIXED_CLUSTER_ENV, private_temp_folder
 
 PROG = "python -m rekd.service"
-HOST = "127.0.0.1"
 STATE_FILE = "service.json"
 
 
@@ -115,7 +115,7 @@ def read_state(state_dir: Path) -> Optional[dict]:
 
 
 def client_env(state: dict) -> dict[str, str]:
-    """What clients (ray job submit, rekd.search, rekd.best) need to reach and authenticate to the service."""
+    """What clients (ray job submit, rekd.search.plan, rekd.evaluate.best) need to reach and authenticate to the service."""
     return {
         "RAY_ADDRESS": f"http://{HOST}:{state['dashboard_port']}",
         "RAY_AUTH_MODE": "token",
@@ -162,7 +162,7 @@ def server_env(args, state: dict) -> dict[str, str]:
             # Jobs submitted to this Ray inherit its environment: they track to this server by default.
             "MLFLOW_TRACKING_URI": f"http://{HOST}:{args.mlflow_port}",
             # One machine, nothing autoscales: a search here runs on CPUs when the machine has no GPU,
-            # instead of waiting for GPU nodes that never come (rekd.driver.trial_resources).
+            # instead of waiting for GPU nodes that never come (rekd.search.driver.trial_resources).
             FIXED_CLUSTER_ENV: "1"}
 
 

@@ -51,3 +51,12 @@ def load_tensors(path: str | os.PathLike, what: str, map_location: Any = "cpu") 
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {str(path)!r} is not a readable torch file: {first}") from None
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
+    """load_state_dict(strict=True), with a mismatch said as a UsageError rather than a traceback."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"{source} does not fit this network: {first}") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import signal
 import sqlite3
 import subprocess
@@ -25,22 +24,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlencode
 
-from rekd.cli import Parser, python_command, run
+from rekd.cli import Parser, run
 from rekd.errors import UsageError
-from rekd.service import HOST, http_ok, port_free, wait_for
-from rekd.tracking_store import STORE_FILE, check_tracking_uri, hold, sqlite_path
+from rekd.service import http_ok, port_free, wait_for
+from rekd.tracking.links import DEFAULT_PORT, HOST, TRAINING_VIEW, experiment_url
+from rekd.tracking.store import STORE_FILE, check_tracking_uri, hold, sqlite_path
 
 PROG = "python -m rekd.ui"
 DEFAULT_FOLDER = "rekd-results"
-DEFAULT_PORT = 5000
 ALLOWED_STORES = f"a results folder holding {STORE_FILE}, or sqlite:////ABSOLUTE/PATH/mlflow.db"
-# rekd.tracking.ROLE_TAG, on every run rekd makes; not imported, as that module loads MLflow and Ray (seconds).
+# rekd.tracking.tune_callback.ROLE_TAG, on every run rekd makes; not imported, as that module loads MLflow and Ray (seconds).
 ROLE_TAG = "rekd.role"
-# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL (or an earlier choice stored in the
-# browser) asks for this one, the classic runs table.
-TRAINING_VIEW = {"workflowType": "machine_learning"}
 STOP_TIMEOUT_S = 15.0  # past this the server's group gets SIGKILL
 
 
@@ -235,52 +231,5 @@ def group_members(group: int) -> list[int]:
 
 
 # -- links ----------------------------------------------------------------------------------------------------
-def experiment_url(base: str, experiment_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}?{urlencode(TRAINING_VIEW)}"
-
-
-def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{urlencode(TRAINING_VIEW)}"
-
-
-def children_url(base: str, experiment_id: str, parent_run_id: str, order_by: Optional[str] = None) -> str:
-    """The experiment's runs table listing the child runs of `parent_run_id`, flat, by `order_by` (a metric
-    every child has, ascending, e.g. a search's `rank`), else by run name.
-
-    The UI takes `searchFilter` as the text of its search box: an MLflow search expression (other text
-    becomes a run-name match). Filtered alone, the table shows the children's parent, collapsed, with the
-    children one click away: it fetches the parents of what it found, and whether a parent is expanded lives
-    in the browser's storage, not in the URL. A sort other than by date (`orderByKey`) lists runs flat."""
-    query = {**TRAINING_VIEW, "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
-             "orderByKey": f"metrics.`{order_by}`" if order_by else "tags.`mlflow.runName`", "orderByAsc": "true"}
-    return f"{base}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
-
-
-def ui_hint(tracking_uri: str, experiment: str, experiment_id: str, parent_run_id: str,
-            order_by: Optional[str] = None) -> list[str]:
-    """The lines a command prints at its end to say how to open its runs in the MLflow UI: the links for a
-    tracking server; for a SQLite store, the command that serves it and the links it will serve."""
-    head = f"MLflow: experiment {experiment!r}, parent run {parent_run_id}"
-    if tracking_uri.startswith(("http://", "https://")):
-        base = browser_base(tracking_uri)
-        return [f"{head}; open", f"  its child runs: {children_url(base, experiment_id, parent_run_id, order_by)}",
-                f"  the parent run: {run_url(base, experiment_id, parent_run_id)}"]
-    db = sqlite_path(tracking_uri)
-    if db is None:  # databricks: its own workspace UI
-        return [f"{head} in {tracking_uri}"]
-    store = str(db.parent) if db.name == STORE_FILE else tracking_uri
-    command = shlex.join([python_command(), "-m", "rekd.ui", store, "--experiment", experiment])
-    base = f"http://{HOST}:{DEFAULT_PORT}"
-    return [f"{head}; serve the MLflow UI with", f"  {command}",
-            f"  then open its child runs: {children_url(base, experiment_id, parent_run_id, order_by)}",
-            f"  or the parent run: {run_url(base, experiment_id, parent_run_id)}"]
-
-
-def browser_base(tracking_uri: str) -> str:
-    """The server's address as a browser link: without credentials (a browser asks for them), query or slash."""
-    parts = urlsplit(tracking_uri)
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query="", fragment="").geturl().rstrip("/")
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""One table of malformed inputs across rekd.train, rekd.search, rekd.best and rekd.final: each gives one
+"""One table of malformed inputs across rekd.train.loop, rekd.search.plan, rekd.evaluate.best and rekd.evaluate.final: each gives one
 line that says what is wrong and what is allowed, exit status 2, no traceback, and leaves nothing behind
 (no new file in the working folders, no new run in MLflow)."""
 import shutil
@@ -8,12 +8,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rekd.best import main as best_main
+from rekd.evaluate.best import main as best_main
 from rekd.config import TrainConfig
-from rekd.final import main as final_main
-from rekd.search import main as search_main
-from rekd.train import train
-from rekd.train_cli import main as train_main
+from rekd.evaluate.final import main as final_main
+from rekd.search.__main__ import main as search_main
+from rekd.train.loop import train
+from rekd.train.__main__ import main as train_main
 from processes import free_port
 from usage import assert_usage_error
 
@@ -25,7 +25,7 @@ closed_port = free_port  # nothing listens there once the socket is closed
 
 
 CASES = [
-    # rekd.train
+    # rekd.train.loop
     ("train", ["distill"], "invalid choice: 'distill'"),
     ("train", ["sparse_kd", "--set", "prune_ratio=1"], "prune_ratio=1.0 is not allowed; allowed: 0 <= prune_ratio < 1"),
     ("train", ["default_kd", "--set", "confidence=0.05"], "allowed: 1/10 < confidence < 1"),
@@ -37,7 +37,7 @@ CASES = [
     ("train", ["--resume", "{tmp}/corrupt"], "is corrupt or not a torch file"),
     ("train", ["--resume", "{tmp}/pickled"], "holds pickled Python objects, which rekd refuses to load"),
     ("train", ["--resume", "{tmp}/other-arch"], "does not fit this network"),
-    # rekd.search
+    # rekd.search.plan
     ("search", ["x", "--search-space", "{tmp}/broken.yaml"], "not valid YAML"),
     ("search", ["x", "--search-space", "{tmp}/list.yaml"], "expected a mapping"),
     ("search", ["x", "--search-space", "{tmp}/unknown-key.yaml"], "colour: unknown key"),
@@ -48,12 +48,12 @@ CASES = [
     ("search", ["nosuchstudy"], "unknown study 'nosuchstudy'"),
     ("search", ["sparse_kd", "--storage-path", "{tmp}/a-file/results"], "cannot be written"),
     ("search", ["sparse_kd", "--tracking-uri", "http://127.0.0.1:{closed}"], "cannot be used"),
-    # rekd.best
+    # rekd.evaluate.best
     ("best", ["rekd-nope", "--tracking-uri", "sqlite:///{tmp}/store/mlflow.db"], "unknown experiment 'rekd-nope'"),
     ("best", ["rekd-sparse_kd", "--tracking-uri", "sqlite:///{tmp}/missing.db"], "no MLflow store at"),
     ("best", ["rekd-sparse_kd", "--top", "0", "--tracking-uri", "sqlite:///{tmp}/store/mlflow.db"], "--top 0 is not allowed"),
     ("best", ["rekd-sparse_kd", "--tracking-uri", "http://127.0.0.1:{closed}"], "cannot be read"),
-    # rekd.final
+    # rekd.evaluate.final
     ("final", ["{tmp}/list.yaml"], "expected a mapping"),
     ("final", ["{tmp}/no-configs.yaml"], "configs: expected a non-empty list"),
     ("final", ["{tmp}/bad-setting.yaml"], "alpha=3.0 is not allowed; allowed: 0 <= alpha <= 1"),

@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from rekd.bench import Row, main
-from rekd.bench_search import CURVES, MAX_T, OPTIMUM, STRATEGIES, accuracy, budget_to_reach, final_accuracy, one_search, regret_at
+from rekd.bench.__main__ import main
+from rekd.bench.rows import Row
+from rekd.bench.search_efficiency import CURVES, MAX_T, OPTIMUM, STRATEGIES, accuracy, budget_to_reach, final_accuracy, one_search, regret_at
 
 
 def test_the_synthetic_objective_has_its_known_optimum_and_rising_curves():
@@ -49,7 +50,7 @@ def test_rows_compare_with_their_targets(tmp_path, capsys):
 def test_the_gpu_throughput_measurement_runs_on_a_cpu_in_its_own_process():
     import torch
 
-    from rekd.bench_gpu import VARIANTS, measure, variant_in_subprocess
+    from rekd.bench.gpu import VARIANTS, measure, variant_in_subprocess
 
     direct = measure("cpu", batch=2, steps=1, **VARIANTS["fp32"][1])
     assert direct["images_per_s"] > 0
@@ -62,7 +63,7 @@ def test_the_gpu_throughput_measurement_runs_on_a_cpu_in_its_own_process():
 def test_the_gpu_epoch_and_sharing_rows_run_on_a_cpu():
     """The rows `--only gpu` adds, at a CPU's size: three modes through train() in processes of their own,
     then 1, 2 and 4 processes at once (no timing is asserted, only that each row measured something)."""
-    from rekd.bench_gpu import epoch_rows
+    from rekd.bench.gpu import epoch_rows
 
     rows = epoch_rows(quick=True, device="cpu", arch="tiny", batch=32, n_train=256)
     assert [r.name.split(" whole")[0].split(",")[0] for r in rows] == [

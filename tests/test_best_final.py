@@ -1,8 +1,8 @@
-"""rekd.best and rekd.final refuse bad input in one line with exit status 2, leaving nothing behind."""
+"""rekd.evaluate.best and rekd.evaluate.final refuse bad input in one line with exit status 2, leaving nothing behind."""
 import pytest
 
-from rekd.best import main as best_main
-from rekd.final import main as final_main
+from rekd.evaluate.best import main as best_main
+from rekd.evaluate.final import main as final_main
 
 
 def run(main, argv, capsys):

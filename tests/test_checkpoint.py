@@ -4,11 +4,11 @@ import os
 import pytest
 import torch
 
-from rekd.checkpoint import FILENAME, load_checkpoint
+from rekd.train.checkpoint import FILENAME, load_checkpoint
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
 from rekd.storage import load_tensors, save_atomic
-from rekd.train import train
+from rekd.train.loop import train
 
 
 class Payload:

@@ -12,11 +12,11 @@ import torch._dynamo
 
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.models import ARCHS, build_model, freeze_for_inference
+from rekd.snn.models import ARCHS, build_model, freeze_for_inference
 from rekd.storage import load_tensors
-from rekd.teachers import teacher_key
-from rekd.optim import for_device
-from rekd.train import train
+from rekd.snn.teachers import teacher_key
+from rekd.train.optim import for_device
+from rekd.train.loop import train
 
 SHAPES = {"tiny": (1, 8, 10), "resnet18": (3, 32, 100), "wrn16_4": (3, 32, 100), "vgg16": (3, 32, 100)}
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from spikingjelly.activation_based import layer, neuron
 
-from rekd.energy import E_AC_PJ, E_MAC_PJ, SpikeMonitor
-from rekd.models import SpikingNet
+from rekd.snn.energy import E_AC_PJ, E_MAC_PJ, SpikeMonitor
+from rekd.snn.models import SpikingNet
 
 
 def test_sops_are_dense_macs_times_input_spike_rate_and_real_inputs_count_as_macs():

@@ -29,7 +29,7 @@ def console():
     levels = {name: logging.getLogger(name).level for name in LIBRARIES}
     for name in LIBRARIES:
         logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)  # rekd.search_report quiets optuna's logger for a session
+        logging.getLogger(name).setLevel(logging.INFO)  # rekd.search.report quiets optuna's logger for a session
     yield stream
     for name in LIBRARIES:
         logging.getLogger(name).removeHandler(handler)

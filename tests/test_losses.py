@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rekd.losses import default_kd_loss, kl_div, soften, sparse_kd_loss, virtual_teacher
+from rekd.snn.losses import default_kd_loss, kl_div, soften, sparse_kd_loss, virtual_teacher
 
 
 def softmax(values):

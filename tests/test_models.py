@@ -5,7 +5,7 @@ from spikingjelly.activation_based import neuron, surrogate
 
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.models import ARCHS, InferenceIF, build_model, freeze_for_inference, spiking_layers
+from rekd.snn.models import ARCHS, InferenceIF, build_model, freeze_for_inference, spiking_layers
 
 
 def model(arch="tiny", channels=1, classes=10, resolution=8, **settings):

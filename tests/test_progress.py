@@ -3,8 +3,8 @@ import pytest
 from ray import tune
 from ray.tune.experiment import Trial
 
-from rekd.progress import RekdProgress
-from rekd.study import load_study
+from rekd.search.progress import RekdProgress
+from rekd.search.study import load_study
 
 STUDY = load_study("sparse_kd").smoke()  # val_acc, max, 2 epochs, 6 trials; prune_ratio, temperature, alpha
 PARAMS = {"prune_ratio": 0.4939321535345923, "temperature": 8.52084800119005, "alpha": 0.6027633760716439}

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from rekd.config import TrainConfig
-from rekd.models import build_model, conv_layers
-from rekd.prune import conv_sparsity, magnitude_prune
+from rekd.snn.models import build_model, conv_layers
+from rekd.snn.prune import conv_sparsity, magnitude_prune
 
 
 def tiny():

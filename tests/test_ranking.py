@@ -1,5 +1,5 @@
-"""One ranking rule: the search's summary (and so its rekd.best_trial tag), rekd.best and what rekd.final and
-rekd.reproduce --best take from its file all name the same best trial, ties included."""
+"""One ranking rule: the search's summary (and so its rekd.best_trial tag), rekd.evaluate.best and what rekd.evaluate.final and
+rekd.evaluate.reproduce --best take from its file all name the same best trial, ties included."""
 import math
 import shlex
 from types import SimpleNamespace
@@ -11,13 +11,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Result
 
-from rekd.best import main as best_main
-from rekd.final import load_configs
-from rekd.ranking import rank_key
-from rekd.reproduce import best_config
-from rekd.search_report import best_command, summarize
-from rekd.study import load_study
-from rekd.tracking import MlflowTrialTracker
+from rekd.evaluate.best import main as best_main
+from rekd.evaluate.final import load_configs
+from rekd.search.ranking import rank_key
+from rekd.evaluate.reproduce import best_config
+from rekd.search.report import best_command, summarize
+from rekd.search.study import load_study
+from rekd.tracking.tune_callback import MlflowTrialTracker
 
 # (trial id, outcome, val_acc, confidence): three trials tie at the top, created in an order that is
 # neither the id order nor its reverse; a stopped trial has a higher value from a shorter budget.
@@ -53,7 +53,7 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("rekd-default_kd", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment_id, run_name="tied", tags={"rekd.role": "search", "rekd.search": "tied",
+    parent = client.create_run(experiment_id, run_name="tied", tags={"rekd.role": "search", "rekd.search.plan": "tied",
                                                                       "rekd.outcome": "finished"})
     client.log_batch(parent.info.run_id, params=[Param("metric", "val_acc"), Param("mode", "max"),
                                                  Param("num_samples", "6"), Param("space.confidence", "uniform")],
@@ -80,11 +80,11 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     assert [c["trial_id"] for c in document["configs"]] == EXPECTED[:5]
     assert document["configs"][0]["trial_id"] == client.get_run(parent.info.run_id).data.tags["rekd.best_trial"]
     assert "smaller trial id" in document["ranked_by"]
-    # rekd.final trains the file's configs in its order; rekd.reproduce --best takes its first
+    # rekd.evaluate.final trains the file's configs in its order; rekd.evaluate.reproduce --best takes its first
     _, configs = load_configs(str(out), None)
     assert configs[0].confidence == pytest.approx(0.92)
     assert best_config(str(out), "default_kd").confidence == pytest.approx(0.92)
-    # The rekd.best command the search prints runs as printed from another folder, the default store too
+    # The rekd.evaluate.best command the search prints runs as printed from another folder, the default store too
     words = shlex.split(best_command(SimpleNamespace(experiment="rekd-default_kd", tracking_uri=uri)))
     assert words[1:3] == ["-m", "rekd.best"] and words[-2:] == ["--tracking-uri", uri]
     elsewhere = tmp_path / "elsewhere"

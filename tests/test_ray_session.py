@@ -1,4 +1,4 @@
-"""Which Ray a rekd command runs on (rekd.ray_session), and the local service's own Ray (rekd.service): a
+"""Which Ray a rekd command runs on (rekd.search.ray_session), and the local service's own Ray (rekd.service): a
 private Ray that no other `ray.init()` finds, a cluster address that fails in seconds with one line, and
 nothing left behind (folders, state, processes) after a normal exit, SIGTERM, a failed start or Ctrl-C.
 
@@ -22,7 +22,7 @@ from processes import cmdline, descendants, free_port
 from usage import assert_usage_error
 
 from rekd.errors import UsageError
-from rekd.ray_session import join_cluster
+from rekd.search.ray_session import join_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 # A process that starts its Ray and says which one it got, and where the private folder is.
 START = """
 import glob, os, stat, sys, tempfile
-from rekd.ray_session import start_ray, stop_ray
+from rekd.search.ray_session import start_ray, stop_ray
 start_ray()
 import ray
 print("gcs", ray.get_runtime_context().gcs_address, flush=True)

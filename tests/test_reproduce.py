@@ -1,4 +1,4 @@
-"""rekd.reproduce: the seed statistics against hand-computed values, the table layouts, the plan, bad input
+"""rekd.evaluate.reproduce: the seed statistics against hand-computed values, the table layouts, the plan, bad input
 (one line, exit 2, nothing written), and both tables end to end on digits with real Ray and MLflow."""
 import csv
 import io
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rekd.reproduce import PAPER_RATIOS, build_parser, main, plan_from_args
-from rekd.reproduce_table import Row, csv_text, markdown, rows_from, summary_metrics
+from rekd.evaluate.reproduce import PAPER_RATIOS, build_parser, main, plan_from_args
+from rekd.evaluate.tables import Row, csv_text, markdown, rows_from, summary_metrics
 from rekd.stats import mean_std, paired, paired_ci
 from processes import free_port
 from usage import assert_usage_error
@@ -60,9 +60,9 @@ def test_paired_ci_refuses_one_seed_and_unmatched_seeds():
 
 
 def test_final_uses_the_shared_statistics():
-    import rekd.final
+    import rekd.evaluate.final
 
-    assert rekd.final.mean_std is mean_std and rekd.final.paired is paired
+    assert rekd.evaluate.final.mean_std is mean_std and rekd.evaluate.final.paired is paired
 
 
 # -- tables ----------------------------------------------------------------------------------------------
@@ -210,12 +210,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, workspac
 
 
 def test_a_failure_after_the_parent_run_opened_leaves_it_failed(tmp_path, monkeypatch):
-    import rekd.reproduce_run
+    import rekd.evaluate.reproduce_run
 
     def broken(*args):
         raise RuntimeError("a task failed")
 
-    monkeypatch.setattr(rekd.reproduce_run, "run_tasks", broken)  # the driver's bookkeeping, without Ray
+    monkeypatch.setattr(rekd.evaluate.reproduce_run, "run_tasks", broken)  # the driver's bookkeeping, without Ray
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError, match="a task failed"):
         main(["table2", "--out", str(tmp_path / "out"), "--tracking-uri", uri])

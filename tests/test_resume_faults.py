@@ -13,7 +13,7 @@ import pytest
 from searches import ROOT, finish, runs, start_search, wait_for_an_epoch
 from usage import assert_usage_error
 
-from rekd.search import main as search_main
+from rekd.search.__main__ import main as search_main
 
 pytestmark = pytest.mark.slow
 NAME = "cut"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pyarrow.fs
 from ray.tune.schedulers import TrialScheduler
 
-from rekd.scheduler import ResumableASHA
+from rekd.search.asha import ResumableASHA
 
 # (trial, epoch, val_acc) in the order an uninterrupted search saw them
 HISTORY = [("a", 1, 0.50), ("b", 1, 0.70), ("a", 2, 0.60), ("c", 1, 0.40), ("b", 2, 0.80), ("d", 1, 0.65),

@@ -31,7 +31,7 @@ def test_first_searches_started_together_on_a_fresh_path_succeed_or_are_refused_
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")
-    assert sorted(p.data.tags["rekd.search"] for p in parents) == ["a", "b"]
+    assert sorted(p.data.tags["rekd.search.plan"] for p in parents) == ["a", "b"]
     assert all(p.info.status == "FINISHED" for p in parents)
     # and a later search on the same path works
     later = subprocess.run([sys.executable, "-m", "rekd.search", *SMALL, "--storage-path", str(storage),
@@ -59,7 +59,8 @@ def test_a_resume_while_the_search_runs_is_refused_naming_the_running_driver(tmp
 
 def test_a_default_name_taken_in_the_same_second_gets_a_suffix_and_a_chosen_one_is_refused(tmp_path):
     from rekd.errors import UsageError
-    from rekd.search import build_parser, claim_name, plan_from_args
+    from rekd.search.__main__ import claim_name
+    from rekd.search.plan import build_parser, plan_from_args
 
     argv = ["default_kd", "--smoke-test", "--storage-path", str(tmp_path)]
     plan = plan_from_args(build_parser().parse_args(argv), argv)

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from rekd.config import TrainConfig
 from rekd.datasets import Split, load_dataset
-from rekd.search import build_parser, plan_from_args
-from rekd.train import NonFiniteLoss, resolve, train
+from rekd.search.plan import build_parser, plan_from_args
+from rekd.train.loop import NonFiniteLoss, resolve, train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +45,8 @@ def local_ray():
 
 
 def test_a_search_whose_trials_diverge_tags_them_and_finishes(tmp_path, capsys, local_ray):
-    from rekd.driver import run_search
-    from rekd.tracking import client_for, ensure_experiment
+    from rekd.search.driver import run_search
+    from rekd.tracking.tune_callback import client_for, ensure_experiment
 
     args = build_parser().parse_args(["default_kd", "--smoke-test", "--num-samples", "3", "--storage-path",
                                       str(tmp_path), "--name", "nan-search"])

@@ -3,8 +3,8 @@ where Ray's stock OptunaSearch records it as COMPLETE with its partial-budget va
 import optuna
 import pytest
 
-from rekd.searcher import PrunedAwareOptunaSearch, make_searcher
-from rekd.study import load_study
+from rekd.search.optuna_searcher import PrunedAwareOptunaSearch, make_searcher
+from rekd.search.study import load_study
 
 
 def drive(stock: bool, tmp_path):

@@ -4,9 +4,9 @@ import pytest
 
 from rekd.config import FIELD_TYPES
 from rekd.datasets import DATASETS
-from rekd.models import ARCHS
-from rekd.search import main
-from rekd.study import SEARCH_SPACES, load_study
+from rekd.snn.models import ARCHS
+from rekd.search.__main__ import main
+from rekd.search.study import SEARCH_SPACES, load_study
 
 GOOD = """\
 study: t
@@ -114,7 +114,7 @@ def test_an_unwritable_storage_path_is_refused(tmp_path, capsys):
 
 
 def test_set_of_a_searched_setting_fixes_it_and_flags_override_the_file(tmp_path):
-    from rekd.search import build_parser, plan_from_args
+    from rekd.search.plan import build_parser, plan_from_args
     args = build_parser().parse_args(["sparse_kd", "--set", "prune_ratio=0.3", "--epochs", "3", "--num-samples", "5",
                                       "--storage-path", str(tmp_path)])
     plan = plan_from_args(args)
@@ -126,7 +126,7 @@ def test_set_of_a_searched_setting_fixes_it_and_flags_override_the_file(tmp_path
 def test_studies_load_and_validate_without_importing_ray():
     import subprocess
     import sys
-    code = ("import sys; from rekd.study import load_study; "
+    code = ("import sys; from rekd.search.study import load_study; "
             "[load_study(n).smoke() for n in ('sparse_kd', 'default_kd', 'baseline')]; "
             "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -139,14 +139,14 @@ def test_studies_load_and_validate_without_importing_ray():
     (["default_kd", "--smoke-test", "--experiment", "mine"], "mine"),
 ])
 def test_smoke_searches_are_tracked_in_an_experiment_of_their_own(argv, experiment, tmp_path, monkeypatch):
-    from rekd.search import build_parser, plan_from_args
+    from rekd.search.plan import build_parser, plan_from_args
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     plan = plan_from_args(build_parser().parse_args([*argv, "--storage-path", str(tmp_path)]))
     assert plan.experiment == experiment
 
 
 def test_reproduce_smoke_runs_are_tracked_apart_in_the_store_searches_in_the_same_folder_use(tmp_path, monkeypatch):
-    from rekd.reproduce import build_parser, plan_from_args
+    from rekd.evaluate.reproduce import build_parser, plan_from_args
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     plan = plan_from_args(build_parser().parse_args(["table1", "--smoke-test", "--out", str(tmp_path / "o")]))

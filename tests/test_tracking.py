@@ -1,7 +1,7 @@
 """The MLflow tracker on a real (sqlite) store: every result arrives, in order, gathered into few calls."""
 from types import SimpleNamespace
 
-from rekd.tracking import OUTCOME_TAG, MlflowTrialTracker, client_for, ensure_experiment
+from rekd.tracking.tune_callback import OUTCOME_TAG, MlflowTrialTracker, client_for, ensure_experiment
 
 
 def test_a_search_s_results_reach_mlflow_complete_and_in_far_fewer_calls_than_epochs(tmp_path):
@@ -81,7 +81,7 @@ def test_a_call_the_store_refuses_for_good_is_dropped_and_the_rest_of_its_batch_
 
 
 def test_error_summary_finds_the_exception_in_tunes_failure_text():
-    from rekd.tracking import error_summary
+    from rekd.tracking.tune_callback import error_summary
 
     text = ("Failure # 1 (occurred at 2026-11-27_21-22-50)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n"
             "  File \"x.py\", line 3, in f\n    raise UsageError(msg)\n"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from rekd.best import main as best_main
+from rekd.evaluate.best import main as best_main
 from rekd.errors import UsageError
-from rekd.final import main as final_main
+from rekd.evaluate.final import main as final_main
 from rekd.locks import FileLock
-from rekd.reproduce import main as reproduce_main
-from rekd.search import main as search_main
-from rekd.tracking_store import artifact_location, check_tracking_uri, open_store, resolve_tracking_uri
+from rekd.evaluate.reproduce import main as reproduce_main
+from rekd.search.__main__ import main as search_main
+from rekd.tracking.store import artifact_location, check_tracking_uri, open_store, resolve_tracking_uri
 from usage import assert_usage_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,8 +170,8 @@ def test_other_forms_are_refused_and_a_password_is_not_printed(uri, fragment):
 OPENER = r"""
 import sys, time
 from pathlib import Path
-import rekd.tracking  # the slow imports happen before the start line, so that the opens really overlap
-from rekd.tracking_store import open_store
+import rekd.tracking.tune_callback  # the slow imports happen before the start line, so that the opens really overlap
+from rekd.tracking.store import open_store
 go, ready, uri, experiment = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 ready.touch()
 while not go.exists():

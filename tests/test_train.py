@@ -6,8 +6,8 @@ import torch
 
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.teachers import load_cached_teacher, teacher_key, teacher_path
-from rekd.train import ensure_teacher, train
+from rekd.snn.teachers import load_cached_teacher, teacher_key, teacher_path
+from rekd.train.loop import ensure_teacher, train
 
 TIMING = ("epoch_time_s", "samples_per_s")
 
@@ -125,14 +125,14 @@ def test_dvsgesture_trains_from_tonics_layout(cache_dir, dvs_root):
 
 def test_precomputed_teacher_logits_are_what_the_teacher_says_per_batch(cache_dir):
     from rekd.datasets import load_dataset
-    from rekd.optim import Optimization
-    from rekd.teachers import PrunedTeacher
-    from rekd.train import resolve, teacher_outputs
+    from rekd.train.optim import Optimization
+    from rekd.snn.teachers import PrunedTeacher
+    from rekd.train.loop import resolve, teacher_outputs
 
     cfg = resolve(TrainConfig(cache_dir=cache_dir, mode="sparse_kd", prune_ratio=0.3))
     data = load_dataset(cfg)
     torch.manual_seed(0)
-    from rekd.models import build_model
+    from rekd.snn.models import build_model
     weights = build_model(cfg, 1, 10, 8).state_dict()
     teacher = PrunedTeacher(cfg, weights, 1, 10, 8)
     all_logits = teacher_outputs(teacher, data, data.train, cfg, Optimization(cfg, teacher, 1, torch.device("cpu")))

@@ -14,7 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from rekd import trial_storage
+from rekd.search import trial_storage
 from searches import finish, runs, start_search, wait_for_an_epoch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,8 +21,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from rekd import ui
+from rekd.tracking import links
 from rekd.cli import python_command
-from rekd.tracking import ROLE_TAG
+from rekd.tracking.tune_callback import ROLE_TAG
 from processes import cmdline, descendants, free_port
 from usage import assert_usage_error
 
@@ -226,7 +227,7 @@ def test_a_port_in_use_is_one_line_exit_2_before_anything_starts(store, capsys):
 
 
 def test_the_hint_for_a_tracking_server_links_the_child_runs_and_the_parent_run(store):
-    lines = ui.ui_hint("https://alice:secret@mlflow.example.org/prefix/", "rekd-demo", store.experiment_id,
+    lines = links.ui_hint("https://alice:secret@mlflow.example.org/prefix/", "rekd-demo", store.experiment_id,
                        store.parent)
     base = "https://mlflow.example.org/prefix"
     assert lines[0] == f"MLflow: experiment 'rekd-demo', parent run {store.parent}; open"
@@ -244,7 +245,7 @@ def test_the_hint_for_a_tracking_server_links_the_child_runs_and_the_parent_run(
 
 
 def test_the_hint_for_a_sqlite_store_gives_the_command_that_serves_it_and_the_links_it_will_serve(store):
-    lines = ui.ui_hint(f"sqlite:///{store.db}", "rekd-demo", store.experiment_id, store.parent)
+    lines = links.ui_hint(f"sqlite:///{store.db}", "rekd-demo", store.experiment_id, store.parent)
     assert lines[0] == f"MLflow: experiment 'rekd-demo', parent run {store.parent}; serve the MLflow UI with"
     command = shlex.split(lines[1])
     assert command[:3] == [python_command(), "-m", "rekd.ui"]

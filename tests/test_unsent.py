@@ -11,8 +11,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 
 from processes import free_port
-from rekd.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, client_for
-from rekd.unsent import FILE_NAME, keep_unsent, load, main, write
+from rekd.tracking.tune_callback import OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, client_for
+from rekd.search.unsent import FILE_NAME, keep_unsent, load, main, write
 from usage import assert_usage_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +248,7 @@ def test_bad_input_is_one_line_with_exit_status_2_and_leaves_the_file_alone(tmp_
 
 
 def test_the_drivers_warning_ends_with_the_command_that_sends_the_calls(tmp_path, monkeypatch, capsys):
-    from rekd.driver import report_unsent
+    from rekd.search.driver import report_unsent
 
     search = kept_search(tmp_path, monkeypatch)
     capsys.readouterr()

@@ -3,7 +3,7 @@
 `train(cfg, on_epoch=...)` reports one flat metrics dict per epoch through the callback and imports
 neither Ray nor MLflow: the Tune trainable and the trackers are thin layers around it. With a run_dir
 it writes a checkpoint after every epoch and resumes from one that is already there.
-`python -m rekd.train MODE ...` is the command-line front (rekd.train_cli).
+`python -m rekd.train MODE ...` is the command-line front (rekd/train/__main__.py).
 """
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from typing import Callable, Optional
 
 import torch
 
-from rekd.checkpoint import resume, save_checkpoint
+from rekd.train.checkpoint import resume, save_checkpoint
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, Split, batches, dataset_spec, load_dataset
-from rekd.energy import SpikeMonitor
+from rekd.snn.energy import SpikeMonitor
 from rekd.errors import UsageError
-from rekd.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
-from rekd.models import ARCHS, SpikingNet, build_model
-from rekd.optim import Optimization, for_device
+from rekd.snn.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
+from rekd.snn.models import ARCHS, SpikingNet, build_model
+from rekd.train.optim import Optimization, for_device
 from rekd.registry import lookup
-from rekd.teachers import (PrunedTeacher, baseline_config, cpu_weights, load_cached_teacher, store_teacher,
+from rekd.snn.teachers import (PrunedTeacher, baseline_config, cpu_weights, load_cached_teacher, store_teacher,
                            teacher_path)
 
 OnEpoch = Callable[[dict], None]
@@ -252,8 +252,3 @@ def ensure_teacher(cfg: TrainConfig, data: Optional[DataSplits] = None, on_epoch
     store_teacher(cfg, weights, val_acc)
     return weights
 
-
-if __name__ == "__main__":
-    from rekd.train_cli import main
-
-    sys.exit(main())

@@ -20,7 +20,7 @@ from rekd.datasets import dataset_spec
 from rekd.errors import UsageError
 
 # The repository's search_spaces/ next to the package; installed images point REKD_SEARCH_SPACES at theirs.
-SEARCH_SPACES = Path(os.environ.get("REKD_SEARCH_SPACES") or Path(__file__).resolve().parent.parent / "search_spaces")
+SEARCH_SPACES = Path(os.environ.get("REKD_SEARCH_SPACES") or Path(__file__).resolve().parents[2] / "search_spaces")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SAMPLERS = ("tpe", "random")
 MODES = ("max", "min")
@@ -57,7 +57,7 @@ class Study:
     num_samples: int = 16
     max_concurrency: int = 2
     cpus: float = 1.0  # per trial
-    gpus: float = 0.0  # per trial, fractions allowed (rekd.ray_session.gpu_request says when it is requested)
+    gpus: float = 0.0  # per trial, fractions allowed (rekd.search.ray_session.gpu_request says when it is requested)
     cpu_fallback: bool = False  # a trial given a GPU that torch cannot use trains on CPUs instead of failing
     smoke_test: dict = field(default_factory=dict)
     description: str = ""

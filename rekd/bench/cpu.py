@@ -1,78 +1,27 @@
-"""`python -m rekd.bench`: the cost of every layer of rekd, measured side by side as ratios.
+"""The CPU rows of `python -m rekd.bench`: the cost of every layer of rekd, measured side by side as ratios.
 
 Absolute times on shared machines are noise; ratios of two things measured in the same run are not.
 Each row has a target; the table says whether it holds. `--quick` runs a reduced set in a few minutes,
 `--json FILE` writes the rows. Search efficiency (row group 5) is measured on a synthetic multi-fidelity
-benchmark in rekd.bench_search.
+benchmark in rekd.bench.search_efficiency.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
-from rekd.cli import Parser, run
+from rekd.bench.rows import Row, interleaved_median_times, median_time
 from rekd.config import TrainConfig
-from rekd.models import ARCHS, SpikingNet, build_model
-
-PROG = "python -m rekd.bench"
-
-
-@dataclasses.dataclass
-class Row:
-    name: str
-    value: float
-    unit: str
-    target: Optional[float]  # upper bound unless `higher_is_better`
-    detail: str = ""
-    higher_is_better: bool = False
-
-    @property
-    def meets_target(self) -> Optional[bool]:
-        if self.target is None:
-            return None
-        return self.value >= self.target if self.higher_is_better else self.value <= self.target
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "value": self.value, "unit": self.unit, "target": self.target,
-                "meets_target": self.meets_target, "detail": self.detail}
-
-
-def median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved_median_times(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median time of each function, timed in turn round after round, so that a machine that slows down
-    or speeds up during the measurement moves all of them alike and their ratios stay fair."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
+from rekd.snn.models import ARCHS, SpikingNet, build_model
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -108,11 +57,11 @@ def snn_vs_ann(arch: str, quick: bool) -> Row:
 
 
 def compile_row(arch: str, quick: bool) -> Row:
-    """What torch.compile does to a CPU training step (rekd.train's step, baseline mode): compiled / eager
+    """What torch.compile does to a CPU training step (rekd.train.loop's step, baseline mode): compiled / eager
     step time, and the cold compile time (an empty kernel cache) it has to win back. `compile: auto` stays
     off on CPUs because of this row."""
-    from rekd.optim import Optimization
-    from rekd.train import OBJECTIVES, train_step
+    from rekd.train.optim import Optimization
+    from rekd.train.loop import OBJECTIVES, train_step
 
     channels, size, classes, timesteps, batch = SHAPES[arch]
     if quick and arch == "resnet18":
@@ -148,11 +97,11 @@ def compile_row(arch: str, quick: bool) -> Row:
 
 
 def distillation_overhead(quick: bool) -> list[Row]:
-    """sparse_kd and default_kd training steps against a baseline step, through rekd.train.train_step."""
+    """sparse_kd and default_kd training steps against a baseline step, through rekd.train.loop.train_step."""
     from rekd.datasets import load_dataset
-    from rekd.optim import Optimization
-    from rekd.teachers import PrunedTeacher
-    from rekd.train import OBJECTIVES, resolve, teacher_outputs, train_step
+    from rekd.train.optim import Optimization
+    from rekd.snn.teachers import PrunedTeacher
+    from rekd.train.loop import OBJECTIVES, resolve, teacher_outputs, train_step
 
     base = resolve(TrainConfig(batch_size=32))
     data = load_dataset(base)
@@ -255,7 +204,7 @@ def dvs_frames_row(quick: bool) -> Row:
 
 
 def epoch_time(cfg: TrainConfig, data) -> float:
-    from rekd.train import train
+    from rekd.train.loop import train
     result = train(dataclasses.replace(cfg, epochs=1), data=data)
     return result.final["epoch_time_s"]
 
@@ -270,11 +219,11 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
     time between trials.
     """
     from rekd.datasets import load_dataset
-    from rekd.driver import run_search
-    from rekd.ray_session import start_ray
-    from rekd.search import build_parser, plan_from_args
-    from rekd.tracking_store import open_store
-    from rekd.train import resolve, train
+    from rekd.search.driver import run_search
+    from rekd.search.ray_session import start_ray
+    from rekd.search.plan import build_parser, plan_from_args
+    from rekd.tracking.store import open_store
+    from rekd.train.loop import resolve, train
 
     # Searches run on a Ray that is already up (`ray job submit` to a cluster); `make run` starts a private
     # one first, whose start-up is measured on its own.
@@ -322,60 +271,3 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
                f"search {search_wall:.1f} s, bare {bare_total:.1f} s; before the first trial {before:.1f} s, after "
                f"the last {after:.1f} s, trials {in_tune / bare_total:.2f}x their bare time, gaps {gaps:.1f} s; "
                f"a private Ray takes another {ray_start:.1f} s to start")
-
-
-def print_table(rows: list[Row]) -> None:
-    width = max(len(r.name) for r in rows)
-    print(f"{'measurement':<{width}}  {'value':>8}  {'target':>8}  ok   detail")
-    for r in rows:
-        target = "" if r.target is None else (">= " if r.higher_is_better else "<= ") + f"{r.target:g}"
-        ok = {True: "yes", False: "NO", None: "-"}[r.meets_target]
-        print(f"{r.name:<{width}}  {r.value:>8.3f}  {target:>8}  {ok:<4} {r.detail}")
-
-
-def build_parser() -> Parser:
-    p = Parser(prog=PROG, description="Measure rekd's costs as ratios and compare them with their targets.")
-    p.add_argument("--quick", action="store_true", help="a reduced set in a few minutes")
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--only", choices=("snn", "compile", "kd", "data", "harness", "search", "gpu"), action="append",
-                   help="run only these groups (repeatable); gpu runs only where CUDA is present")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(_main, PROG, argv)
-
-
-def _main(argv: Optional[Sequence[str]]) -> int:
-    from rekd.bench_search import search_efficiency
-
-    args = build_parser().parse_args(argv)
-    groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "gpu"]
-    rows: list[Row] = []
-    if "snn" in groups:
-        rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
-    if "compile" in groups:
-        rows += [compile_row("tiny", args.quick), compile_row("resnet18", args.quick)]
-    if "kd" in groups:
-        rows += distillation_overhead(args.quick)
-    if "data" in groups:
-        rows += data_rows(args.quick)
-    if "harness" in groups:
-        # All cores busy with trials (Ray's own processes compete with them), and one core left to Ray.
-        rows += [harness_overhead(args.quick, concurrency) for concurrency in (os.cpu_count() or 1, 1)]
-    if "search" in groups:
-        rows += search_efficiency(args.quick)
-    if "gpu" in groups and torch.cuda.is_available():
-        from rekd.bench_gpu import gpu_rows
-        rows += gpu_rows(args.quick)
-    elif "gpu" in groups:
-        print("no GPU here: the GPU measurements (bf16, torch.compile, channels_last, IF implementations, "
-              "trials sharing a GPU) were not run", file=sys.stderr)
-    print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

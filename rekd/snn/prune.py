@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from rekd.models import conv_layers
+from rekd.snn.models import conv_layers
 
 
 def magnitude_prune(model: nn.Module, prune_ratio: float, *, permanent: bool = True) -> float:

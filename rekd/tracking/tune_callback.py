@@ -48,11 +48,11 @@ BATCH_LIMITS = (1000, 100, 100)  # metrics, params, tags: the most MLflow takes 
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "rekd.role"  # search | trial | final
-SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
+SEARCH_TAG = "rekd.search.plan"  # the search's name, on the parent and on every child
 OUTCOME_TAG = "rekd.outcome"
 INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
 RERUN_TAG = "rekd.rerun_epochs"  # "first-last": epochs a continued trial ran again (their checkpoint was lost)
-# Where a trial runs (and what it continued from), as its results say (rekd.trainable) -> its run's tags. rekd.node_ids lists every node it
+# Where a trial runs (and what it continued from), as its results say (rekd.search.trainable) -> its run's tags. rekd.node_ids lists every node it
 # ran on, in order: a trial restored on another node after a node failure shows both.
 PLACEMENT_TAGS = {"node_id": "rekd.node_id", "device": "rekd.device", "gpu_ids": "rekd.gpu_ids",
                   "restored_from": "rekd.restored_from"}  # the checkpoint a continued trial started from
@@ -69,8 +69,8 @@ def client_for(tracking_uri: str) -> MlflowClient:
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment `name`, created if missing (in the driver, before any trial starts); in a SQLite
-    store with its artifacts beside the store (rekd.tracking_store.artifact_location)."""
-    from rekd.tracking_store import artifact_location
+    store with its artifacts beside the store (rekd.tracking.store.artifact_location)."""
+    from rekd.tracking.store import artifact_location
 
     location = artifact_location(client.tracking_uri, name)
     try:

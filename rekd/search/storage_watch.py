@@ -4,7 +4,7 @@ When the folder becomes unwritable mid-search (permissions changed, a read-only 
 Tune logs its failed experiment snapshots and goes on, trials fail one by one writing their checkpoints,
 and the search would end much later with nothing saved. Here the driver tries a small write into the
 folder every few seconds and stops the search at the first refusal, with the OSError that says why
-(rekd.driver turns it into one line and closes the runs).
+(rekd.search.driver turns it into one line and closes the runs).
 """
 from __future__ import annotations
 

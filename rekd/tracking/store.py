@@ -150,7 +150,7 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    from rekd.tracking import client_for, ensure_experiment, first_line
+    from rekd.tracking.tune_callback import client_for, ensure_experiment, first_line
 
     try:
         client = client_for(uri)  # MLflow opens the store here: a new SQLite store gets its schema now

@@ -13,8 +13,8 @@ from torch import nn
 
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.optim import Optimization
-from rekd.storage import load_tensors, save_atomic
+from rekd.train.optim import Optimization
+from rekd.storage import load_tensors, load_weights, save_atomic
 
 FORMAT = "rekd-checkpoint-1"
 FILENAME = "last.pt"
@@ -70,12 +70,3 @@ def load_checkpoint(path: Path, cfg: Optional[TrainConfig] = None) -> dict:
                     f"checkpoint {str(path)!r} was made with {key}={theirs!r}; this run needs {key}={getattr(cfg, key)!r}"
                 )
     return state
-
-
-def load_weights(model: nn.Module, weights: dict, source: str) -> None:
-    """load_state_dict(strict=True), with a mismatch said as a UsageError rather than a traceback."""
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"{source} does not fit this network: {first}") from None

@@ -14,15 +14,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from rekd.checkpoint import FILENAME, load_checkpoint
+from rekd.train.checkpoint import FILENAME, load_checkpoint
 from rekd.cli import Parser, format_metrics, run
 from rekd.config import MODES, TrainConfig, read_settings_file
 from rekd.datasets import load_dataset
 from rekd.errors import UsageError
-from rekd.optim import for_device
+from rekd.train.optim import for_device
 from rekd.provenance import provenance
-from rekd.teachers import cpu_weights, load_cached_teacher, store_teacher
-from rekd.train import NonFiniteLoss, ensure_teacher, resolve, select_device, train
+from rekd.snn.teachers import cpu_weights, load_cached_teacher, store_teacher
+from rekd.train.loop import NonFiniteLoss, ensure_teacher, resolve, select_device, train
 
 PROG = "python -m rekd.train"
 LINE_KEYS = ("train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc", "teacher_val_acc",

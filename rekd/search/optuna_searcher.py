@@ -16,8 +16,8 @@ import optuna
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
-from rekd.study import Param, Study
-from rekd.trainable import STOP_REASON
+from rekd.search.study import Param, Study
+from rekd.search.trainable import STOP_REASON
 
 log = logging.getLogger(__name__)
 

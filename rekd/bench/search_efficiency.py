@@ -16,7 +16,7 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from rekd.searcher import PrunedAwareOptunaSearch
+from rekd.search.optuna_searcher import PrunedAwareOptunaSearch
 
 MAX_T = 16
 OPTIMUM = 0.9
@@ -109,7 +109,7 @@ def search_efficiency(quick: bool) -> list:
 
 
 def curve_rows(curve: str, seeds: range, budget: int) -> list:
-    from rekd.bench import Row
+    from rekd.bench.rows import Row
 
     early = 8 * MAX_T  # a point on the way: eight full trials' worth
     rows, mean_regret = [], {}

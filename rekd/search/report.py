@@ -14,15 +14,15 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 
-from rekd import trial_storage
+from rekd.search import trial_storage
 from rekd.cli import python_command
-from rekd.ranking import rank_key
-from rekd.tracking import OUTCOME_TAG
-from rekd.ui import ui_hint
+from rekd.search.ranking import rank_key
+from rekd.tracking.tune_callback import OUTCOME_TAG
+from rekd.tracking.links import ui_hint
 
 OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "cuda_unusable", "interrupted")
 TOP = 5
-RANK_METRIC = "rank"  # on each trial's run at the end: its place by rekd.ranking, 1 = best
+RANK_METRIC = "rank"  # on each trial's run at the end: its place by rekd.search.ranking, 1 = best
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
 
 
@@ -66,12 +66,12 @@ class Summary:
         params = [Param(f"best.{k}", str(v)) for k, v in sorted(self.best.params.items())] \
             if self.best and final else []
         tags = [RunTag("rekd.best_trial", self.best.trial_id)] if self.best else []
-        if final:  # an interruption tags the parent itself (rekd.driver), summary or not
+        if final:  # an interruption tags the parent itself (rekd.search.driver), summary or not
             tags.append(RunTag(OUTCOME_TAG, "finished"))
         now = int(time.time() * 1000)
         tracker.log_parent(metrics=[Metric(k, v, now, 0) for k, v in self.metrics().items()], params=params, tags=tags)
         # Each trial's place by rekd's ranking (1 = best), so that MLflow's runs table, sorted by it, shows the
-        # order rekd.best uses: sorted by the metric, it would break ties its own way.
+        # order rekd.evaluate.best uses: sorted by the metric, it would break ties its own way.
         for place, row in enumerate(sorted(self.rows, key=sort_key(self.mode)), start=1):
             tracker.log_trial(row.trial_id, metrics=[Metric(RANK_METRIC, float(place), now, 0)])
         for path in self.artifacts:
@@ -111,14 +111,14 @@ class Summary:
 
 
 def best_command(plan) -> str:
-    """The rekd.best command for this search, runnable as printed from any folder: this interpreter, and
+    """The rekd.evaluate.best command for this search, runnable as printed from any folder: this interpreter, and
     the store named (the default one is relative to the current folder; MLFLOW_TRACKING_URI may differ)."""
     return shlex.join([python_command(), "-m", "rekd.best", plan.experiment, "--top", "3", "--out", "best.yaml",
                        "--tracking-uri", plan.tracking_uri])
 
 
 def sort_key(mode: str):
-    """rekd's one ranking rule (rekd.ranking) over summary rows."""
+    """rekd's one ranking rule (rekd.search.ranking) over summary rows."""
     return lambda r: rank_key(r.outcome, r.value, r.trial_id, mode)
 
 
@@ -170,7 +170,7 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path, interrupted:
 
 
 def trial_name_of(path: str) -> str:
-    """The trial id in a trial folder's name (`trial_<id>`, rekd.driver.trial_name)."""
+    """The trial id in a trial folder's name (`trial_<id>`, rekd.search.driver.trial_name)."""
     return path.rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_")
 
 

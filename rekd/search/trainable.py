@@ -1,4 +1,4 @@
-"""The Tune trainable: a thin adapter around rekd.train.train.
+"""The Tune trainable: a thin adapter around rekd.train.loop.train.
 
 It rebuilds the TrainConfig from the trial's config, reports once per epoch with a checkpoint (so that
 "iteration" means "epoch" for ASHA) and resumes from Tune's checkpoint when the trial is restarted. The
@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 from ray import tune
 
-from rekd.checkpoint import FILENAME
+from rekd.train.checkpoint import FILENAME
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
 from rekd.errors import UsageError
-from rekd.train import NonFiniteLoss, select_device, train
+from rekd.train.loop import NonFiniteLoss, select_device, train
 
 STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom | cuda_unusable
 STOP_DETAIL = "stop_detail"

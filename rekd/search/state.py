@@ -17,7 +17,7 @@ from typing import Optional
 
 from rekd.errors import UsageError
 from rekd.locks import FileLock, Held
-from rekd.tracking import first_line
+from rekd.tracking.tune_callback import first_line
 
 STATE_FILE = "rekd-search.json"
 LOCK_FILE = ".rekd-driver.lock"
@@ -89,7 +89,7 @@ def check_resumable(folder: Path, tune_folder: str, name: str) -> None:
     or under a storage URI) are there and readable; else one line, before Tune."""
     from ray import tune
 
-    from rekd import trial_storage
+    from rekd.search import trial_storage
 
     optuna_db = folder / OPTUNA_FILE
     if not optuna_db.is_file():

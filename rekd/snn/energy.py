@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from rekd.models import spiking_layers, synaptic_layers
+from rekd.snn.models import spiking_layers, synaptic_layers
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9

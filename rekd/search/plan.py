@@ -1,4 +1,4 @@
-"""`python -m rekd.search STUDY`: Ray Tune schedules Optuna-sampled trials of a study, ASHA stops the bad
+"""The plan of a search, checked before Ray starts: `python -m rekd.search STUDY`: Ray Tune schedules Optuna-sampled trials of a study, ASHA stops the bad
 ones early, and every trial is tracked in MLflow as a child of the search's parent run.
 
 Inside `ray job submit` it joins that cluster (RAY_ADDRESS is set); run alone it starts a private Ray on
@@ -8,38 +8,33 @@ checked before Ray starts or anything is written.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from rekd import trial_storage
-from rekd.cli import Parser, run
+from rekd.search import trial_storage
+from rekd.cli import Parser
 from rekd.config import TrainConfig
-from rekd.datasets import DataSplits, load_dataset
 from rekd.errors import UsageError
-from rekd.locks import FileLock
-from rekd.tracking_store import RESULTS_FOLDER
-from rekd.search_state import (DEFAULT_STORE, STATE_FILE, check_parent_run, check_resumable, claim_existing,
-                               claim_new, default_store_uri, name_taken, read_state, release_new)
-from rekd.study import SMOKE_SUFFIX, Study, load_study, parse_assignment
-from rekd.train import resolve
+from rekd.tracking.store import RESULTS_FOLDER
+from rekd.search.state import DEFAULT_STORE, check_resumable, default_store_uri, name_taken, read_state
+from rekd.search.study import SMOKE_SUFFIX, Study, load_study, parse_assignment
+from rekd.train.loop import resolve
 
 PROG = "python -m rekd.search"
 # Ray binds its processes to this machine's routable address unless told otherwise (ray 2.60).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# The classic engine prints with the reporter rekd passes (rekd.progress); the newer one ignores it.
+# The classic engine prints with the reporter rekd passes (rekd.search.progress); the newer one ignores it.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# The driver handles SIGINT itself (rekd.interrupt): Tune's own handler would end the search as if it
+# The driver handles SIGINT itself (rekd.search.interrupt): Tune's own handler would end the search as if it
 # had finished. SIGUSR1 stays Tune's: it is how the driver asks Tune to stop.
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 # A trial that runs out of GPU memory ends with a result that says why and carries no metric.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-# MLflow holds the metrics: of Tune's own loggers only the JSON one is kept (rekd.driver adds it), which
+# MLflow holds the metrics: of Tune's own loggers only the JSON one is kept (rekd.search.driver adds it), which
 # ASHA's replay on resume and Tune's result tables read. The CSV and TensorBoard writers cost the driver
 # CPU on every result.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -86,7 +81,7 @@ class SearchPlan:
     base: TrainConfig  # resolved fixed settings
     name: str
     local_path: Path  # the driver's own files: <local_path>/<name>
-    storage_path: str  # Tune's trials and checkpoints: an absolute folder or a storage URI (rekd.trial_storage)
+    storage_path: str  # Tune's trials and checkpoints: an absolute folder or a storage URI (rekd.search.trial_storage)
     tracking_uri: str
     experiment: str
     stock_optuna: bool
@@ -129,7 +124,7 @@ def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
 
 
 def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
-    from rekd.tracking_store import resolve_tracking_uri
+    from rekd.tracking.store import resolve_tracking_uri
 
     study = load_study(args.search_space or args.study)
     if args.smoke_test:
@@ -184,81 +179,3 @@ def check_writable(path: Path, flag: str = "--storage-path") -> None:
     if existing == path and not path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path} cannot be written ({existing} is not a writable folder); "
                          "choose a writable folder")
-
-
-def teacher_weights_for(base: TrainConfig, data: DataSplits, cpus: float, gpus: float) -> dict:
-    """The sparse_kd teacher: from the driver's cache, or trained once as a Ray task and then cached."""
-    import ray
-
-    from rekd.teachers import load_cached_teacher, store_teacher
-    from rekd.train import train_teacher
-
-    cached = load_cached_teacher(base)
-    if cached is not None:
-        print(f"teacher: cached baseline (val_acc={cached['val_acc']:.4f})", flush=True)
-        return cached["weights"]
-    print(f"teacher: training the baseline once ({base.teacher_epochs} epochs) as a Ray task", flush=True)
-    task = ray.remote(train_teacher).options(num_cpus=cpus, num_gpus=gpus)
-    weights, val_acc = ray.get(task.remote(base, data))
-    store_teacher(base, weights, val_acc)
-    print(f"teacher: trained, val_acc={val_acc:.4f}", flush=True)
-    return weights
-
-
-def claim_name(plan: SearchPlan, chosen: bool) -> tuple[SearchPlan, FileLock]:
-    """The new search's folder, claimed. A name the user chose is refused if taken; a default name (study and
-    start time) taken by a search started in the same second gets a suffix: two `make run` at once both run."""
-    base = plan.name
-    for n in itertools.count(2):
-        lock = claim_new(plan.folder)
-        if lock is not None:
-            return plan, lock
-        if chosen:
-            raise name_taken(plan.folder)
-        name = f"{base}-{n}"
-        argv = list(plan.argv)
-        argv[argv.index("--name") + 1] = name
-        plan = dataclasses.replace(plan, name=name, argv=tuple(argv))
-    raise AssertionError("unreachable")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run(_main, PROG, argv)
-
-
-def _main(argv: Optional[Sequence[str]]) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    plan = plan_from_args(args, argv)
-    data = load_dataset(plan.base)  # a missing dataset stops here, before anything is written
-    from rekd.library_log import LibraryLog
-    from rekd.ray_session import check_cluster_address
-    from rekd.tracking_store import open_store
-
-    check_cluster_address()  # a cluster that does not answer stops here, before anything is written
-    library_log = LibraryLog(verbose=plan.verbose).apply()
-    try:
-        client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
-        if plan.resume:
-            lock = claim_existing(plan.folder)
-            check_parent_run(client, plan.resume, plan.name, plan.tracking_uri)
-        else:
-            plan, lock = claim_name(plan, chosen=args.name is not None)
-        folder = plan.folder
-        library_log.write_to(folder)
-        from rekd.driver import run_search
-
-        try:
-            return run_search(plan, data, client, experiment_id, owns_ray=True)
-        finally:
-            if plan.resume or (folder / STATE_FILE).exists():
-                lock.release()
-            else:  # stopped before the search recorded anything: no half-made search is left behind
-                library_log.close()
-                release_new(folder, lock)
-    finally:
-        library_log.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 from ray.tune.schedulers import ASHAScheduler
 
-from rekd import trial_storage
+from rekd.search import trial_storage
 
 
 class ResumableASHA(ASHAScheduler):

@@ -1,6 +1,6 @@
 """The search driver: one Tuner with OptunaSearch behind a ConcurrencyLimiter and ASHA over epochs.
 
-Called by rekd.search once the plan is checked. The MLflow parent run is created here, before any trial
+Called by rekd.search.plan once the plan is checked. The MLflow parent run is created here, before any trial
 starts (two trials opening a new SQLite store at once race), and closed with the search's summary.
 """
 from __future__ import annotations
@@ -15,18 +15,19 @@ from mlflow.tracking import MlflowClient
 from rekd.cli import python_command
 from rekd.datasets import DataSplits
 from rekd.provenance import provenance
-from rekd.interrupt import Interruption
-from rekd import trial_storage
-from rekd.ray_session import fixed_cluster, gpu_request, start_ray, stop_ray
-from rekd.search import PROG as PROG_NAME, SearchPlan, build_parser, teacher_weights_for
-from rekd.search_report import summarize
-from rekd.storage_watch import StorageWatch, storage_error
-from rekd.search_state import OPTUNA_FILE, default_store_uri, write_state
-from rekd.searcher import ResumableOptunaSearch, close_unfinished, make_searcher
-from rekd.scheduler import ResumableASHA
-from rekd.tracking import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent,
+from rekd.search.interrupt import Interruption
+from rekd.search import trial_storage
+from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray, stop_ray
+from rekd.config import TrainConfig
+from rekd.search.plan import PROG as PROG_NAME, SearchPlan, build_parser
+from rekd.search.report import summarize
+from rekd.search.storage_watch import StorageWatch, storage_error
+from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
+from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished, make_searcher
+from rekd.search.asha import ResumableASHA
+from rekd.tracking.tune_callback import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent,
                            first_line)
-from rekd.unsent import keep_unsent
+from rekd.search.unsent import keep_unsent
 
 
 UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
@@ -61,8 +62,8 @@ def trial_name(trial) -> str:
 
 
 def progress_table(study):
-    """The table of trials Tune prints while it works, in rekd's words (rekd.progress)."""
-    from rekd.progress import RekdProgress
+    """The table of trials Tune prints while it works, in rekd's words (rekd.search.progress)."""
+    from rekd.search.progress import RekdProgress
 
     return RekdProgress(study)
 
@@ -114,6 +115,25 @@ def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experim
             return search.abort(e, interruption)
 
 
+def teacher_weights_for(base: TrainConfig, data: DataSplits, cpus: float, gpus: float) -> dict:
+    """The sparse_kd teacher: from the driver's cache, or trained once as a Ray task and then cached."""
+    import ray
+
+    from rekd.snn.teachers import load_cached_teacher, store_teacher
+    from rekd.train.loop import train_teacher
+
+    cached = load_cached_teacher(base)
+    if cached is not None:
+        print(f"teacher: cached baseline (val_acc={cached['val_acc']:.4f})", flush=True)
+        return cached["weights"]
+    print(f"teacher: training the baseline once ({base.teacher_epochs} epochs) as a Ray task", flush=True)
+    task = ray.remote(train_teacher).options(num_cpus=cpus, num_gpus=gpus)
+    weights, val_acc = ray.get(task.remote(base, data))
+    store_teacher(base, weights, val_acc)
+    print(f"teacher: trained, val_acc={val_acc:.4f}", flush=True)
+    return weights
+
+
 def trial_resources(plan: SearchPlan, cluster_gpus: float, fixed: bool) -> tuple[dict, str]:
     """What each trial (and the teacher task) requests, and a line that says why when it is not the study's."""
     gpus, note = gpu_request(plan.study.gpus, plan.cpu_only, cluster_gpus, fixed)
@@ -132,7 +152,7 @@ def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> s
         print(f"resuming search {plan.name}: MLflow parent run {parent_id}", flush=True)
         return parent_id
     parent = client.create_run(experiment_id, run_name=plan.name,
-                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": plan.study.name,
+                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.search.study": plan.study.name,
                                      OUTCOME_TAG: "running"})
     parent_id = parent.info.run_id
     client.log_batch(parent_id, params=parent_params(plan),
@@ -158,7 +178,7 @@ class Search:
         from ray.tune.logger import JsonLoggerCallback
         from ray.tune.search import ConcurrencyLimiter
 
-        from rekd.trainable import run_trial
+        from rekd.search.trainable import run_trial
 
         plan, study = self.plan, self.plan.study
         searched = {p.name for p in study.params}

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 from ray.tune import ProgressReporter
 from ray.tune.experiment import Trial
 
-from rekd.ranking import rank_key
-from rekd.study import Study
+from rekd.search.ranking import rank_key
+from rekd.search.study import Study
 
 MAX_ROWS = 20  # more trials than this and the table hides the worst ones
 UNFINISHED = {Trial.PENDING: "pending", Trial.RUNNING: "running", Trial.PAUSED: "paused"}

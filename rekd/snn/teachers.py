@@ -2,7 +2,7 @@
 
 - PrunedTeacher (sparse-KD, Eq. 3-5): a trained baseline SNN of the student's architecture, magnitude-
   pruned at `prune_ratio`, frozen, run without autograd. Ratio 0 is the student as its own teacher.
-- The virtual teacher (default-KD, Eq. 6) is a distribution, not a network: rekd.losses.virtual_teacher.
+- The virtual teacher (default-KD, Eq. 6) is a distribution, not a network: rekd.snn.losses.virtual_teacher.
 
 A trained baseline is cached under <cache_dir>/teachers/ by a key over every setting that determines
 it, so distillation runs and searches find it instead of training it again.
@@ -19,10 +19,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from rekd.checkpoint import load_weights
+from rekd.storage import load_weights
 from rekd.config import TrainConfig
-from rekd.models import build_model, freeze_for_inference
-from rekd.prune import magnitude_prune
+from rekd.snn.models import build_model, freeze_for_inference
+from rekd.snn.prune import magnitude_prune
 from rekd.storage import load_tensors, save_atomic
 
 # Settings that do not change which network a baseline run produces.

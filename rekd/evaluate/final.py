@@ -1,0 +1,163 @@
+"""`python -m rekd.final best.yaml --seeds 3`: the chosen configs and the baseline at full length, same seeds,
+scored on the test split (tuning only ever saw the validation split).
+
+For every seed the baseline is trained first; it is also the teacher sparse_kd configs of that seed
+distil from (the paper's protocol: the baseline student is its own teacher). Reports test accuracy
+mean +- std per config and the improvement over the baseline paired by seed, and tracks every run in
+MLflow under one parent run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mlflow.entities import Metric, RunTag
+
+from rekd.cli import Parser, run
+from rekd.config import TrainConfig, read_settings_file
+from rekd.errors import UsageError
+from rekd.provenance import provenance
+from rekd.stats import mean_std, paired
+from rekd.snn.teachers import cpu_weights, store_teacher
+from rekd.tracking.tune_callback import ROLE_TAG, flat_params, numeric_metrics
+from rekd.tracking.store import check_tracking_uri, open_store
+from rekd.train.loop import resolve, train
+from rekd.tracking.links import ui_hint
+
+PROG = "python -m rekd.final"
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Train the best configs and the baseline under the same seeds; score on test.")
+    p.add_argument("best", help="the YAML file written by rekd.evaluate.best")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs of every run (default: the search's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one in the best file)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the search's)")
+    p.add_argument("--out", default="final-results", help="folder for the table (default ./final-results)")
+    return p
+
+
+def load_configs(path: str, epochs: Optional[int]) -> tuple[dict, list[TrainConfig]]:
+    document = read_settings_file(path)
+    configs = document.get("configs")
+    if not isinstance(configs, list) or not configs:
+        raise UsageError(f"{path}: configs: expected a non-empty list, as rekd.evaluate.best writes it")
+    out = []
+    for i, entry in enumerate(configs):
+        if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):
+            raise UsageError(f"{path}: configs[{i}]: expected a mapping with 'settings'")
+        cfg = TrainConfig.from_dict(entry["settings"], source=f"{path}: configs[{i}].settings")
+        out.append(resolve(dataclasses.replace(cfg, epochs=epochs or cfg.epochs, teacher_epochs=None,
+                                               eval_test=True)))
+    return document, out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(_main, PROG, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds} is not allowed; allowed: an integer >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
+    document, configs = load_configs(args.best, args.epochs)
+    baseline = dataclasses.replace(configs[0], mode="baseline")
+    uri = check_tracking_uri(*tracking_uri_of(args, document))
+    experiment_name = args.experiment or document.get("experiment") or "rekd-final"
+    client, experiment_id = open_store(uri, experiment_name)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    name = f"final-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = client.create_run(experiment_id, run_name=name, tags={ROLE_TAG: "final", "rekd.best_file": args.best})
+    client.log_batch(parent.info.run_id, tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+    labels = ["baseline"] + [f"#{i + 1} {c.mode}" for i, c in enumerate(configs)]
+    scores: dict[str, list[float]] = {label: [] for label in labels}
+    seeds = list(range(args.seeds))
+    try:
+        for seed in seeds:
+            base_cfg = dataclasses.replace(baseline, seed=seed)
+            result = tracked_run(client, experiment_id, parent.info.run_id, "baseline", base_cfg)
+            scores["baseline"].append(result.final["test_acc"])
+            teacher_cfg = dataclasses.replace(base_cfg, teacher_epochs=base_cfg.epochs)
+            store_teacher(teacher_cfg, cpu_weights(result.model), result.final["val_acc"])
+            for label, cfg in zip(labels[1:], configs):
+                cfg = dataclasses.replace(cfg, seed=seed, teacher_epochs=cfg.epochs)
+                scores[label].append(tracked_run(client, experiment_id, parent.info.run_id, label, cfg).final["test_acc"])
+    except BaseException:
+        client.set_terminated(parent.info.run_id, "FAILED")
+        raise
+    table = report(labels, configs, scores, seeds, document)
+    (out_dir / f"{name}.md").write_text(table + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({"seeds": seeds, "test_acc": scores}, indent=2))
+    summary = {}
+    for label in labels:
+        mean, std = mean_std(scores[label])
+        key = label.replace("#", "config").replace(" ", "_")
+        summary[f"{key}/test_acc_mean"], summary[f"{key}/test_acc_std"] = mean, std
+        if label != "baseline":
+            summary[f"{key}/improvement_mean"] = paired(scores[label], scores["baseline"])[0]
+    client.log_batch(parent.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
+    client.log_artifact(parent.info.run_id, str(out_dir / f"{name}.md"), artifact_path="final")
+    client.log_artifact(parent.info.run_id, str(out_dir / f"{name}.json"), artifact_path="final")
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    print(table)
+    print(f"\nsaved {out_dir / (name + '.md')}")
+    print("\n".join(ui_hint(uri, experiment_name, experiment_id, parent.info.run_id)))
+    return 0
+
+
+def tracking_uri_of(args, document: dict) -> tuple[str, str]:
+    """(the store, where it came from): --tracking-uri, else the best file's, else $MLFLOW_TRACKING_URI."""
+    if args.tracking_uri is not None:
+        return args.tracking_uri, "--tracking-uri"
+    if document.get("tracking_uri"):
+        return str(document["tracking_uri"]), f"{args.best}: tracking_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+
+
+def tracked_run(client, experiment_id: str, parent_id: str, label: str, cfg: TrainConfig):
+    """Train one config, mirroring each epoch's metrics into a child run of the final parent run."""
+    child = client.create_run(experiment_id, run_name=f"{label} seed {cfg.seed}",
+                              tags={"mlflow.parentRunId": parent_id, ROLE_TAG: "final_run", "rekd.label": label})
+    run_id = child.info.run_id
+    client.log_batch(run_id, params=flat_params(cfg.to_dict()))
+    print(f"{label}, seed {cfg.seed}: training {cfg.epochs} epochs", flush=True)
+
+    def on_epoch(metrics: dict) -> None:
+        client.log_batch(run_id, metrics=numeric_metrics(metrics, metrics["epoch"], int(time.time() * 1000)))
+
+    try:
+        result = train(cfg, on_epoch=on_epoch)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    print(f"{label}, seed {cfg.seed}: test_acc={result.final['test_acc']:.4f}", flush=True)
+    return result
+
+
+def report(labels: list[str], configs: list[TrainConfig], scores: dict, seeds: list[int], document: dict) -> str:
+    searched = document.get("searched") or []
+    lines = [f"Test accuracy over seeds {seeds} (mean ± std); improvement over the baseline paired by seed.", "",
+             "| config | settings | test acc | improvement |", "|---|---|---|---|"]
+    for label, cfg in zip(labels, [None] + configs):
+        mean, std = mean_std(scores[label])
+        settings = "" if cfg is None else ", ".join(f"{k}={getattr(cfg, k):.4g}" if isinstance(getattr(cfg, k), float)
+                                                   else f"{k}={getattr(cfg, k)}" for k in searched)
+        if label == "baseline":
+            gain = "—"
+        else:
+            d_mean, d_std = paired(scores[label], scores["baseline"])
+            gain = f"{100 * d_mean:+.2f} ± {100 * d_std:.2f} pts"
+        lines.append(f"| {label} | {settings} | {100 * mean:.2f} ± {100 * std:.2f} % | {gain} |")
+    return "\n".join(lines)
