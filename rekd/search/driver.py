@@ -21,6 +21,7 @@ from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray, stop_
 from rekd.config import TrainConfig
 from rekd.search.plan import PROG as PROG_NAME, SearchPlan, build_parser
 from rekd.search.report import summarize
+from rekd.tracking import outcomes
 from rekd.search.storage_watch import StorageWatch, storage_error
 from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
 from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished, make_searcher
@@ -248,7 +249,7 @@ class Search:
         """The trials the interruption stopped: their runs KILLED (outcome interrupted), their Optuna trials
         closed as FAIL until --resume continues them. Returns their trial ids."""
         tracker = self.tracker
-        stopped = tracker.end_unfinished("interrupted", "KILLED", {INTERRUPTED_TAG: interruption.name})
+        stopped = tracker.end_unfinished(outcomes.INTERRUPTED, "KILLED", {INTERRUPTED_TAG: interruption.name})
         tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "interrupted"),
                                  RunTag(INTERRUPTED_TAG, interruption.name)])
         try:
@@ -276,7 +277,7 @@ class Search:
         storage = storage_error(error)
         reason = f"the results folder {self.experiment_dir} became unwritable: {storage}" if storage \
             else first_line(error)
-        tracker.end_unfinished("search_failed", "FAILED", {"rekd.error": reason[:500]})
+        tracker.end_unfinished(outcomes.SEARCH_FAILED, "FAILED", {"rekd.error": reason[:500]})
         tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "failed"), RunTag("rekd.error", reason[:500])])
         tracker.end_parent("FAILED")
         report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir, tracker)
@@ -311,7 +312,7 @@ def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, re
                                   max_results=10000)
     for run in children:
         if run.data.tags.get("rekd.trial_id") not in known and run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, OUTCOME_TAG, "lost_with_driver")
+            client.set_tag(run.info.run_id, OUTCOME_TAG, outcomes.LOST_WITH_DRIVER)
             client.set_terminated(run.info.run_id, "KILLED")
 
 

@@ -17,7 +17,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from rekd.search.study import Param, Study
-from rekd.search.trainable import STOP_REASON
+from rekd.tracking.outcomes import STOP_REASON
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from ray.tune.experiment import Trial
 
 from rekd.search.ranking import rank_key
 from rekd.search.study import Study
+from rekd.tracking import outcomes
 
 MAX_ROWS = 20  # more trials than this and the table hides the worst ones
 UNFINISHED = {Trial.PENDING: "pending", Trial.RUNNING: "running", Trial.PAUSED: "paused"}
@@ -28,12 +29,8 @@ def outcome(trial: Trial, epochs: int) -> str:
     """The trial's state in rekd's words; an ended trial's as the search's summary and MLflow tags say it."""
     if trial.status in UNFINISHED:
         return UNFINISHED[trial.status]
-    if trial.status == Trial.ERROR:
-        return "errored"
-    last = trial.last_result
-    if last.get("stop_reason"):  # non_finite_loss | cuda_oom, said by the trainable
-        return str(last["stop_reason"])
-    return "completed" if int(last.get("epoch", 0)) >= epochs else "stopped early"
+    ended = outcomes.ended(trial.last_result, epochs, errored=trial.status == Trial.ERROR)
+    return "stopped early" if ended == outcomes.STOPPED_EARLY else ended  # the table's words
 
 
 def metric_value(trial: Trial, metric: str) -> float:

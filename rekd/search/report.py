@@ -18,9 +18,9 @@ from rekd.search import trial_storage
 from rekd.cli import python_command
 from rekd.search.ranking import rank_key
 from rekd.tracking.tune_callback import OUTCOME_TAG
+from rekd.tracking import outcomes
 from rekd.tracking.links import ui_hint
 
-OUTCOMES = ("completed", "stopped_early", "errored", "non_finite_loss", "cuda_oom", "cuda_unusable", "interrupted")
 TOP = 5
 RANK_METRIC = "rank"  # on each trial's run at the end: its place by rekd.search.ranking, 1 = best
 EDGE = 0.05  # a best value within 5% of a bound suggests the range is too narrow (tuning playbook)
@@ -32,7 +32,7 @@ class TrialRow:
     params: dict
     value: float  # the metric at the trial's last epoch
     epochs: int
-    outcome: str  # completed | stopped_early | errored | non_finite_loss | cuda_oom | cuda_unusable | interrupted
+    outcome: str  # rekd.tracking.outcomes.SUMMARY_OUTCOMES
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Summary:
 
     def metrics(self) -> dict[str, float]:
         # Every outcome, zeros included: a resumed search's summary replaces the interrupted one's counts.
-        out = {f"trials_{k}": float(self.counts.get(k, 0)) for k in sorted({*OUTCOMES, *self.counts})}
+        out = {f"trials_{k}": float(self.counts.get(k, 0)) for k in sorted({*outcomes.SUMMARY_OUTCOMES, *self.counts})}
         out.update(epochs_spent=float(self.epochs_spent), epochs_budget=float(self.epochs_budget),
                    epochs_saved_fraction=self.epochs_saved / max(self.epochs_budget, 1),
                    trials_not_started=float(self.not_started))
@@ -131,14 +131,8 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path, interrupted:
         last = result.metrics or {}
         epochs = int(last.get("epoch", 0))
         trial_id = str(last.get("trial_id") or trial_name_of(result.path))
-        if trial_id in interrupted:
-            outcome = "interrupted"
-        elif result.error:
-            outcome = "errored"
-        elif last.get("stop_reason"):
-            outcome = str(last["stop_reason"])
-        else:
-            outcome = "completed" if epochs >= study.epochs else "stopped_early"
+        outcome = outcomes.INTERRUPTED if trial_id in interrupted else \
+            outcomes.ended(last, study.epochs, errored=bool(result.error))
         value = last.get(study.metric)
         rows.append(TrialRow(
             trial_id=trial_id,
@@ -149,10 +143,10 @@ def summarize(plan, results, optuna_url: str, experiment_dir: Path, interrupted:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.outcome] = counts.get(row.outcome, 0) + 1
-    candidates = [r for r in rows if r.outcome == "completed" and math.isfinite(r.value)] or \
-                 [r for r in rows if r.outcome == "stopped_early" and math.isfinite(r.value)]
+    candidates = [r for r in rows if r.outcome == outcomes.COMPLETED and math.isfinite(r.value)] or \
+                 [r for r in rows if r.outcome == outcomes.STOPPED_EARLY and math.isfinite(r.value)]
     best = sorted(candidates, key=sort_key(study.mode))[0] if candidates else None
-    ended = [r for r in rows if r.outcome != "interrupted"]
+    ended = [r for r in rows if r.outcome != outcomes.INTERRUPTED]
     summary = Summary(study.metric, study.mode, rows, best, counts, sum(r.epochs for r in rows),
                       epochs_budget=len(ended) * study.epochs,
                       epochs_saved=sum(max(study.epochs - r.epochs, 0) for r in ended),

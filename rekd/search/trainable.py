@@ -24,10 +24,10 @@ from rekd.train.checkpoint import FILENAME
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
 from rekd.errors import UsageError
+from rekd.tracking import outcomes
+from rekd.tracking.outcomes import STOP_DETAIL, STOP_REASON
 from rekd.train.loop import NonFiniteLoss, select_device, train
 
-STOP_REASON = "stop_reason"  # non_finite_loss | cuda_oom | cuda_unusable
-STOP_DETAIL = "stop_detail"
 RESTORED_FROM = "restored_from"  # the checkpoint a continued trial started from, in its results
 
 
@@ -80,7 +80,7 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
         where = placement(cfg.device)
         unusable = unusable_gpu(where["gpu_ids"], cfg.device)
         if unusable and not cpu_fallback:  # a GPU search that trains on CPUs would mislead: said, not hidden
-            tune.report({"epoch": 0, STOP_REASON: "cuda_unusable", STOP_DETAIL: unusable[:500], **where})
+            tune.report({"epoch": 0, STOP_REASON: outcomes.CUDA_UNUSABLE, STOP_DETAIL: unusable[:500], **where})
             return
         if restored_from:
             where[RESTORED_FROM] = restored_from
@@ -88,7 +88,7 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
         def report(metrics: dict) -> None:
             metrics = {**metrics, **where}
             if metrics.get("diverged"):  # train() raises NonFiniteLoss right after this report
-                metrics = {**metrics, STOP_REASON: "non_finite_loss",
+                metrics = {**metrics, STOP_REASON: outcomes.NON_FINITE_LOSS,
                            STOP_DETAIL: f"training diverged in epoch {metrics['epoch']}: non-finite loss or weights"}
             last.clear()
             last.update(metrics)
@@ -107,7 +107,7 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
             detail = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
             # No metric in this result (the driver turns Tune's strict metric check off): ASHA and the
             # searcher pass over it, the tracker tags the reason.
-            tune.report({"epoch": last.get("epoch", 0), STOP_REASON: "cuda_oom", STOP_DETAIL: detail[:300], **where})
+            tune.report({"epoch": last.get("epoch", 0), STOP_REASON: outcomes.CUDA_OOM, STOP_DETAIL: detail[:300], **where})
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
