@@ -29,7 +29,7 @@ def runs(tmp_path: Path, name: str):
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return client, None, []
-    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`rekd.search.plan` = '{name}'")
+    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`rekd.search` = '{name}'")
     parents = [r for r in found if r.data.tags.get("rekd.role") == "search"]
     children = [r for r in found if r.data.tags.get("rekd.role") == "trial"]
     return client, parents[0] if parents else None, children

@@ -53,7 +53,7 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("rekd-default_kd", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(experiment_id, run_name="tied", tags={"rekd.role": "search", "rekd.search.plan": "tied",
+    parent = client.create_run(experiment_id, run_name="tied", tags={"rekd.role": "search", "rekd.search": "tied",
                                                                       "rekd.outcome": "finished"})
     client.log_batch(parent.info.run_id, params=[Param("metric", "val_acc"), Param("mode", "max"),
                                                  Param("num_samples", "6"), Param("space.confidence", "uniform")],

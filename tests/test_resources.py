@@ -110,7 +110,7 @@ def test_on_a_ray_with_one_gpu_trials_share_it_in_quarters_and_never_hide_that_t
         def trials(experiment: str, name: str):
             found = client.get_experiment_by_name(experiment)
             return client.search_runs([found.experiment_id],
-                                      filter_string=f"tags.`rekd.search.plan` = '{name}' and tags.`rekd.role` = 'trial'")
+                                      filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'trial'")
 
         job = search("sparse_kd", "--search-space", str(tmp_path / "fallback.yaml"), "--num-samples", "4",
                      "--max-concurrency", "4", "--name", "gpu-share")

@@ -31,7 +31,7 @@ def test_first_searches_started_together_on_a_fresh_path_succeed_or_are_refused_
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rekd.role` = 'search'")
-    assert sorted(p.data.tags["rekd.search.plan"] for p in parents) == ["a", "b"]
+    assert sorted(p.data.tags["rekd.search"] for p in parents) == ["a", "b"]
     assert all(p.info.status == "FINISHED" for p in parents)
     # and a later search on the same path works
     later = subprocess.run([sys.executable, "-m", "rekd.search", *SMALL, "--storage-path", str(storage),

@@ -56,7 +56,7 @@ def test_ray_job_search_is_tracked_pruned_and_feeds_best_and_final(service, tmp_
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # the job tracked to the service's server by default
     experiment = client.get_experiment_by_name("rekd-sparse_kd-smoke")
     parents = client.search_runs([experiment.experiment_id],
-                                 filter_string=f"tags.`rekd.search.plan` = '{name}' and tags.`rekd.role` = 'search'")
+                                 filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'search'")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED" and "best_val_acc" in parent.data.metrics
@@ -145,8 +145,8 @@ def test_two_searches_at_once_keep_their_runs_apart(service, tmp_path):
     experiment = client.get_experiment_by_name("rekd-baseline-smoke")
     for name in ("twin-a", "twin-b"):
         parents = client.search_runs([experiment.experiment_id],
-                                     filter_string=f"tags.`rekd.search.plan` = '{name}' and tags.`rekd.role` = 'search'")
+                                     filter_string=f"tags.`rekd.search` = '{name}' and tags.`rekd.role` = 'search'")
         assert len(parents) == 1
         children = client.search_runs([experiment.experiment_id],
                                       filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-        assert len(children) == 3 and {c.data.tags["rekd.search.plan"] for c in children} == {name}
+        assert len(children) == 3 and {c.data.tags["rekd.search"] for c in children} == {name}

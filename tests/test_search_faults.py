@@ -53,7 +53,7 @@ def test_a_search_whose_trials_diverge_tags_them_and_finishes(tmp_path, capsys, 
     plan = plan_from_args(args)
     client = client_for(plan.tracking_uri)
     experiment_id = ensure_experiment(client, plan.experiment)
-    code = run_search(plan, poisoned_digits(), client, experiment_id)
+    code = run_search(plan, poisoned_digits(), (client, experiment_id))
     assert code == 1 and "no trial produced a result" in capsys.readouterr().err
     client = MlflowClient(plan.tracking_uri)
     parent = client.search_runs([experiment_id], filter_string="tags.`rekd.role` = 'search'")[0]

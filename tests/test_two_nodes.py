@@ -65,7 +65,7 @@ def trial_runs(client: MlflowClient) -> list:
     if experiment is None:
         return []
     return client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`rekd.search.plan` = '{NAME}' and tags.`rekd.role` = 'trial'")
+                              filter_string=f"tags.`rekd.search` = '{NAME}' and tags.`rekd.role` = 'trial'")
 
 
 def wait_for_a_trial_on(node_id: str, client: MlflowClient, job: subprocess.Popen, log: Path,
@@ -123,7 +123,7 @@ def test_a_search_loses_no_trial_when_a_node_dies(cluster, tmp_path):
     children = trial_runs(client)
     assert len(children) == 2
     parents = client.search_runs([children[0].info.experiment_id],
-                                 filter_string=f"tags.`rekd.search.plan` = '{NAME}' and tags.`rekd.role` = 'search'")
+                                 filter_string=f"tags.`rekd.search` = '{NAME}' and tags.`rekd.role` = 'search'")
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["rekd.outcome"] == "finished"
     metrics = parents[0].data.metrics
     assert metrics["trials_completed"] == 2 and metrics["trials_errored"] == 0

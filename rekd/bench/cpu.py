@@ -221,8 +221,7 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
     from rekd.datasets import load_dataset
     from rekd.search.driver import run_search
     from rekd.search.ray_session import start_ray
-    from rekd.search.plan import build_parser, plan_from_args
-    from rekd.tracking.store import open_store
+    from rekd.search.plan import make_plan
     from rekd.train.loop import resolve, train
 
     # Searches run on a Ray that is already up (`ray job submit` to a cluster); `make run` starts a private
@@ -232,18 +231,14 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
     ray_start = time.perf_counter() - start
     trials, epochs = (2 * concurrency, 8) if quick else (6 * concurrency, 24)
     with tempfile.TemporaryDirectory(prefix="rekd-bench-") as storage:
-        args = build_parser().parse_args(["baseline", "--num-samples", str(trials), "--epochs", str(epochs),
-                                          "--max-concurrency", str(concurrency), "--storage-path", storage,
-                                          "--name", "bench"])
-        plan = plan_from_args(args, [])
-        plan = dataclasses.replace(plan, study=plan.study.with_overrides(grace_period=epochs))  # ASHA stops nothing
+        plan = make_plan("baseline", num_samples=trials, epochs=epochs, max_concurrency=concurrency,
+                         storage_path=storage, name="bench").with_study(grace_period=epochs)  # ASHA stops nothing
         data = load_dataset(plan.base)
-        client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
         started = time.time()
         with open(os.devnull, "w") as quiet:
             stdout, sys.stdout = sys.stdout, quiet
             try:
-                run_search(plan, data, client, experiment_id)
+                run_search(plan, data)
             finally:
                 sys.stdout = stdout
         ended = time.time()

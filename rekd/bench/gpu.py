@@ -15,7 +15,6 @@ per process. The same function measures on a CPU, which is how the tests exercis
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -113,8 +112,7 @@ def sharing_rows(quick: bool) -> list:
     from rekd.datasets.synthetic import make_cifar100_folder
     from rekd.search.driver import run_search
     from rekd.search.ray_session import start_ray
-    from rekd.search.plan import build_parser, plan_from_args
-    from rekd.tracking.store import open_store
+    from rekd.search.plan import make_plan
 
     start_ray()
     rows = []
@@ -122,20 +120,15 @@ def sharing_rows(quick: bool) -> list:
         root = make_cifar100_folder(Path(tmp) / "data", n_train=2000 if quick else 10000, n_test=500)
         for k in (1, 2, 4):
             storage = Path(tmp) / f"share{k}"
-            args = build_parser().parse_args([
-                "baseline", "--dataset", "cifar100", "--arch", "resnet18", "--data-root", str(root),
-                "--num-samples", str(2 * k), "--epochs", "2", "--max-concurrency", str(k),
-                "--storage-path", str(storage), "--name", f"share{k}"])
-            plan = plan_from_args(args, [])
-            study = plan.study.with_overrides(gpus=1.0 / k, grace_period=2)  # ASHA stops nothing
-            plan = dataclasses.replace(plan, study=study)
+            plan = make_plan("baseline", dataset="cifar100", arch="resnet18", data_root=root, num_samples=2 * k,
+                             epochs=2, max_concurrency=k, storage_path=storage, name=f"share{k}")
+            plan = plan.with_study(gpus=1.0 / k, grace_period=2)  # ASHA stops nothing
             data = load_dataset(plan.base)
-            client, experiment_id = open_store(plan.tracking_uri, plan.experiment)
             started = time.perf_counter()
             with open(os.devnull, "w") as quiet:
                 stdout, sys.stdout = sys.stdout, quiet
                 try:
-                    run_search(plan, data, client, experiment_id)
+                    run_search(plan, data)
                 finally:
                     sys.stdout = stdout
             hours = (time.perf_counter() - started) / 3600

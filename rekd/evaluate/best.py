@@ -43,7 +43,7 @@ def settings_from_params(params: dict[str, str], source: str) -> dict:
 def find_search(client, experiment_id: str, name: Optional[str]):
     query = "tags.`rekd.role` = 'search'"
     if name:
-        query += f" and tags.`rekd.search.plan` = '{name}'"
+        query += f" and tags.`rekd.search` = '{name}'"
     runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise UsageError(f"no search {'named ' + repr(name) + ' ' if name else ''}in this experiment")
@@ -56,7 +56,7 @@ def describe_search(parent, experiment: str, newest: bool) -> str:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000))
     outcome = tags.get("rekd.outcome", parent.info.status.lower())
     trials = parent.data.params.get("num_samples", "?")
-    line = (f"search {tags.get('rekd.search.plan', parent.info.run_name)} ({'the newest ' if newest else ''}in experiment "
+    line = (f"search {tags.get('rekd.search', parent.info.run_name)} ({'the newest ' if newest else ''}in experiment "
             f"{experiment!r}, started {started}, {trials} trials, {outcome}; parent run {parent.info.run_id})")
     return line
 
@@ -122,7 +122,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         raise UsageError(f"search {parent.info.run_name!r} has no {'finished' if args.include_stopped else 'completed'} "
                          "trials to rank" + ("" if args.include_stopped else "; --include-stopped also ranks ASHA-stopped ones"))
     document = {
-        "experiment": args.experiment, "search": parent.data.tags.get("rekd.search.plan", parent.info.run_name),
+        "experiment": args.experiment, "search": parent.data.tags.get("rekd.search", parent.info.run_name),
         "parent_run_id": parent.info.run_id, "tracking_uri": uri,
         "metric": parent.data.params.get("metric", "val_acc"), "mode": parent.data.params.get("mode", "max"),
         "searched": sorted(k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")),

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
+from rekd.evaluate.reproduce_plan import KD_SETTINGS, ReproducePlan
 from rekd.search.study import SMOKE_SUFFIX, Study, load_study, parse_assignment
 from rekd.train.loop import resolve
 
 PROG = "python -m rekd.reproduce"
 TABLES = {"table1": "sparse_kd", "table2": "default_kd"}  # table -> its study and distillation mode
 PAPER_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)  # Table 1's teacher prune ratios
-KD_SETTINGS = {"sparse_kd": ("temperature", "alpha"), "default_kd": ("confidence", "temperature", "alpha")}
 # What the protocol sets for each run itself; fixing one with --set would change the experiment.
 PROTOCOL_KEYS = ("mode", "seed", "prune_ratio", "eval_test", "teacher_epochs", "epochs")
 # A std from two seeds says little and a t interval with one degree of freedom is four times its standard
@@ -68,61 +67,6 @@ def build_parser() -> Parser:
     p.add_argument("--smoke-test", action="store_true",
                    help=f"{SMOKE['epochs']} epochs x {SMOKE['seeds']} seeds, every ratio: about a minute on a CPU")
     return p
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of the protocol."""
-    kind: str  # baseline (the student without distillation, also the teacher) | kd
-    seed: int
-    prune_ratio: Optional[float]  # table1's KD runs; None otherwise
-    config: TrainConfig  # resolved, eval_test on
-
-    @property
-    def label(self) -> str:
-        where = f"seed {self.seed}" + ("" if self.prune_ratio is None else f" prune {self.prune_ratio:g}")
-        return f"{where}: {self.kind}"
-
-
-@dataclass(frozen=True)
-class ReproducePlan:
-    """Everything a reproduction needs, resolved and checked before Ray starts."""
-    table: str  # table1 | table2
-    base: TrainConfig  # the KD config of seed 0, resolved; each run replaces mode, seed and prune_ratio
-    seeds: tuple[int, ...]
-    ratios: tuple[float, ...]  # table1's prune ratios; () for table2
-    kd_sources: dict  # distillation setting -> where its value came from
-    out_dir: Path  # this reproduction's files go to out_dir / name
-    name: str
-    tracking_uri: str
-    experiment: str
-    cpus: float  # per task, the study's resources
-    gpus: float  # per task (rekd.search.ray_session.gpu_request: not where no GPU will ever be)
-    best_file: Optional[str] = None
-    notes: tuple[str, ...] = ()  # said at the start, e.g. a best file tuned on other data
-    verbose: bool = False  # libraries' logs and a private Ray's worker output on the console too
-    cpu_only: bool = False  # tasks request no GPU, whatever the study asks
-
-    @property
-    def kd_settings(self) -> dict:
-        return {k: getattr(self.base, k) for k in KD_SETTINGS[self.base.mode]}
-
-    def runs(self) -> list[RunSpec]:
-        """The baselines of all seeds (stage 1), then every KD student (stage 2)."""
-        specs = [RunSpec("baseline", s, None, dataclasses.replace(self.base, mode="baseline", seed=s))
-                 for s in self.seeds]
-        for seed in self.seeds:
-            for ratio in self.ratios or (None,):
-                cfg = dataclasses.replace(self.base, seed=seed, prune_ratio=ratio or 0.0)
-                specs.append(RunSpec("kd", seed, ratio, cfg))
-        return specs
-
-    def describe(self) -> str:
-        """What runs and with which distillation settings, said before and saved with the results."""
-        settings = ", ".join(f"{k}={v:g} ({self.kd_sources[k]})" for k, v in self.kd_settings.items())
-        ratios = f"teacher prune ratios {', '.join(f'{r:g}' for r in self.ratios)}; " if self.ratios else ""
-        return (f"{self.table} ({self.base.mode}) on {self.base.dataset}/{self.base.arch}: seeds "
-                f"{', '.join(map(str, self.seeds))}; {ratios}{self.base.epochs} epochs per run; {settings}")
 
 
 def plan_from_args(args) -> ReproducePlan:

@@ -20,7 +20,7 @@ from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
 from rekd.library_log import LibraryLog
 from rekd.provenance import provenance
-from rekd.evaluate.reproduce import ReproducePlan, RunSpec
+from rekd.evaluate.reproduce_plan import ReproducePlan, RunSpec
 from rekd.evaluate.tables import Row, csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.snn.teachers import cpu_weights
@@ -30,7 +30,7 @@ from rekd.train.loop import train
 from rekd.tracking.links import ui_hint
 
 CHILD_ROLE = "reproduce_run"
-NAME_TAG = "rekd.evaluate.reproduce"  # the reproduction's name, on the parent and on every child
+NAME_TAG = "rekd.reproduce"  # the reproduction's name, on the parent and on every child
 MAX_BATCH = 1000  # MLflow takes at most this many metrics in one log_batch call
 ARTIFACT_DIR = "reproduce"
 

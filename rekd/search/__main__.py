@@ -58,7 +58,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         from rekd.search.driver import run_search
 
         try:
-            return run_search(plan, data, client, experiment_id, owns_ray=True)
+            return run_search(plan, data, (client, experiment_id), owns_ray=True)
         finally:
             if plan.resume or (folder / STATE_FILE).exists():
                 lock.release()

@@ -1,6 +1,7 @@
 """The search driver: one Tuner with OptunaSearch behind a ConcurrencyLimiter and ASHA over epochs.
 
-Called by rekd.search.plan once the plan is checked. The MLflow parent run is created here, before any trial
+Called by `python -m rekd.search` (rekd/search/__main__.py) once the plan is checked, or with a plan from
+rekd.search.plan.make_plan. The MLflow parent run is created here, before any trial
 starts (two trials opening a new SQLite store at once race), and closed with the search's summary.
 """
 from __future__ import annotations
@@ -8,12 +9,13 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from typing import Optional
 
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from rekd.cli import python_command
-from rekd.datasets import DataSplits
+from rekd.datasets import DataSplits, load_dataset
 from rekd.provenance import provenance
 from rekd.search.interrupt import Interruption
 from rekd.search import trial_storage
@@ -29,6 +31,7 @@ from rekd.search.asha import ResumableASHA
 from rekd.tracking.tune_callback import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent,
                            first_line)
 from rekd.search.unsent import keep_unsent
+from rekd.tracking.store import open_store
 
 
 UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
@@ -77,43 +80,55 @@ class WithoutTunesResumeHint(logging.Filter):
         return "Tuner.restore(" not in record.getMessage()
 
 
-def run_search(plan: SearchPlan, data: DataSplits, client: MlflowClient, experiment_id: str,
+def run_search(plan: SearchPlan, data: Optional[DataSplits] = None, store: Optional[tuple[MlflowClient, str]] = None,
                owns_ray: bool = False) -> int:
-    """Run the search to its end, its interruption (exit status 130 or 143) or its failure. With `owns_ray`
-    (the command line's private or joined Ray, not a caller's), Ray is shut down before the last lines are
-    printed: its workers' forwarded logs would otherwise come after them."""
-    import ray
-
-    study = plan.study
+    """Run the search to its end, its interruption (exit status 130 or 143) or its failure: open the parent
+    run, build the tuner (fresh or restored), run it, finish. `data` and `store` (client, experiment id) are
+    loaded and opened from the plan when not given. With `owns_ray` (the command line's private or joined
+    Ray, not a caller's), Ray is shut down before the last lines are printed: its workers' forwarded logs
+    would otherwise come after them."""
+    data = data if data is not None else load_dataset(plan.base)
+    client, experiment_id = store if store is not None else open_store(plan.tracking_uri, plan.experiment)
     start_ray(worker_output=plan.verbose)
-    tune_log = logging.getLogger("ray.tune.tune")
-    if not any(isinstance(f, WithoutTunesResumeHint) for f in tune_log.filters):
-        tune_log.addFilter(WithoutTunesResumeHint())
+    hide_tunes_resume_hint()
     with Interruption(PROG_NAME) as interruption:
         try:
-            resources, note = trial_resources(plan, ray.cluster_resources().get("GPU", 0), fixed_cluster())
-            print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
-                  f"{study.max_concurrency} at once, {resources} each; searching "
-                  f"{', '.join(p.name for p in study.params)}", flush=True)
-            if note:
-                print(note, flush=True)
-            teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"]) \
-                if plan.base.mode == "sparse_kd" else None
+            resources, teacher = prepare(plan, data)
         except KeyboardInterrupt:  # before the search began: nothing recorded yet
             print(f"{PROG_NAME}: {interruption.name} received before the search began; nothing was recorded",
                   file=sys.stderr)
             return interruption.exit_status
-        parent_id = open_parent(plan, client, experiment_id)
-        search = Search(plan, client, experiment_id, parent_id, owns_ray)
+        search = Search(plan, client, experiment_id, open_parent(plan, client, experiment_id), owns_ray)
         try:
-            tuner = search.tuner(data, teacher, resources)
-            interruption.tune_running = True
-            results = tuner.fit()
-            interruption.tune_running = False  # from here a signal aborts: KeyboardInterrupt
+            tuner = search.restored_tuner(data, teacher, resources) if plan.resume else \
+                search.fresh_tuner(data, teacher, resources)
+            results = search.fit(tuner, interruption)
             return search.finish(results, interruption)
         except BaseException as e:
             interruption.tune_running = False
             return search.abort(e, interruption)
+
+
+def hide_tunes_resume_hint() -> None:
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, WithoutTunesResumeHint) for f in tune_log.filters):
+        tune_log.addFilter(WithoutTunesResumeHint())
+
+
+def prepare(plan: SearchPlan, data: DataSplits) -> tuple[dict, Optional[dict]]:
+    """What each trial requests (said when it is not the study's), and the sparse_kd teacher's weights."""
+    import ray
+
+    study = plan.study
+    resources, note = trial_resources(plan, ray.cluster_resources().get("GPU", 0), fixed_cluster())
+    print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
+          f"{study.max_concurrency} at once, {resources} each; searching "
+          f"{', '.join(p.name for p in study.params)}", flush=True)
+    if note:
+        print(note, flush=True)
+    teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"]) \
+        if plan.base.mode == "sparse_kd" else None
+    return resources, teacher
 
 
 def teacher_weights_for(base: TrainConfig, data: DataSplits, cpus: float, gpus: float) -> dict:
@@ -153,7 +168,7 @@ def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> s
         print(f"resuming search {plan.name}: MLflow parent run {parent_id}", flush=True)
         return parent_id
     parent = client.create_run(experiment_id, run_name=plan.name,
-                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.search.study": plan.study.name,
+                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": plan.study.name,
                                      OUTCOME_TAG: "running"})
     parent_id = parent.info.run_id
     client.log_batch(parent_id, params=parent_params(plan),
@@ -174,39 +189,32 @@ class Search:
         self.optuna_url = f"sqlite:///{self.experiment_dir / OPTUNA_FILE}"
         self.tracker = MlflowTrialTracker(plan.tracking_uri, experiment_id, parent_id, plan.name, plan.study.epochs)
 
-    def tuner(self, data: DataSplits, teacher, resources: dict):
+    def trainable(self, data: DataSplits, teacher, resources: dict):
+        from ray import tune
+
+        from rekd.search.trainable import run_trial
+
+        return tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher,
+                                                        cpu_fallback=self.plan.study.cpu_fallback), resources)
+
+    def fixed_settings(self) -> dict:
+        searched = {p.name for p in self.plan.study.params}
+        return {k: v for k, v in self.plan.base.to_dict().items() if k not in searched}
+
+    def fresh_tuner(self, data: DataSplits, teacher, resources: dict):
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
         from ray.tune.search import ConcurrencyLimiter
 
-        from rekd.search.trainable import run_trial
-
         plan, study = self.plan, self.plan.study
-        searched = {p.name for p in study.params}
-        fixed = {k: v for k, v in plan.base.to_dict().items() if k not in searched}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, teacher_weights=teacher,
-                                                             cpu_fallback=study.cpu_fallback), resources)
-        if plan.resume:
-            # Trials, searcher (and its Optuna study), callbacks come back from the experiment folder, with
-            # the paths of where the search was started: they are pointed at where it is now.
-            ResumableOptunaSearch.storage_url = self.optuna_url
-            ResumableASHA.storage_path = trial_storage.filesystem(plan.storage_path)[1]
-            tuner = tune.Tuner.restore(trial_storage.join(plan.storage_path, plan.name), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=True, param_space=fixed)
-            restored = [t for t in MlflowTrialTracker.active()
-                        if t is not self.tracker and t.parent_run_id == self.parent_id]
-            for tracker in restored:  # Tune runs the tracker it unpickled, not the one made here
-                tracker.tracking_uri, tracker.experiment_id = plan.tracking_uri, self.experiment_id
-            self.tracker = restored[-1] if restored else self.tracker
-            return tuner
         searcher = ConcurrencyLimiter(make_searcher(study, self.optuna_url, plan.name, stock=plan.stock_optuna),
                                       max_concurrent=study.max_concurrency)
         scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
                                   max_t=study.epochs, grace_period=study.grace_period,
                                   reduction_factor=study.reduction_factor)
         return tune.Tuner(
-            trainable,
-            param_space=fixed,
+            self.trainable(data, teacher, resources),
+            param_space=self.fixed_settings(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=study.num_samples,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                         reuse_actors=True),  # no new worker process per trial
@@ -218,6 +226,32 @@ class Search:
                 progress_reporter=progress_table(study), verbose=1,
             ),
         )
+
+    def restored_tuner(self, data: DataSplits, teacher, resources: dict):
+        """The interrupted search's tuner. Trials, searcher (and its Optuna study) and callbacks come back from
+        the experiment folder with the paths of where the search was started: they are pointed at where it
+        is now."""
+        from ray import tune
+
+        plan = self.plan
+        ResumableOptunaSearch.storage_url = self.optuna_url
+        ResumableASHA.storage_path = trial_storage.filesystem(plan.storage_path)[1]
+        tuner = tune.Tuner.restore(trial_storage.join(plan.storage_path, plan.name),
+                                   trainable=self.trainable(data, teacher, resources),
+                                   resume_unfinished=True, resume_errored=True, param_space=self.fixed_settings())
+        restored = [t for t in MlflowTrialTracker.active()
+                    if t is not self.tracker and t.parent_run_id == self.parent_id]
+        for tracker in restored:  # Tune runs the tracker it unpickled, not the one made here
+            tracker.tracking_uri, tracker.experiment_id = plan.tracking_uri, self.experiment_id
+        self.tracker = restored[-1] if restored else self.tracker
+        return tuner
+
+    def fit(self, tuner, interruption: Interruption):
+        """Tune's run. While it runs, the first signal asks Tune to stop cleanly; after, a signal aborts."""
+        interruption.tune_running = True
+        results = tuner.fit()
+        interruption.tune_running = False
+        return results
 
     def finish(self, results, interruption: Interruption) -> int:
         """Tune returned: the search ended, or stopped cleanly on the first signal."""

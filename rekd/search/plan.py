@@ -95,6 +95,31 @@ class SearchPlan:
         """The search's own folder: state, lock, Optuna study, summary, driver.log."""
         return self.local_path / self.name
 
+    def with_study(self, **overrides) -> "SearchPlan":
+        """The same plan with some of the study's own settings changed (e.g. grace_period, gpus)."""
+        return dataclasses.replace(self, study=self.study.with_overrides(**overrides))
+
+
+def make_plan(study: str, **flags) -> SearchPlan:
+    """The plan of a new search, made from Python: `flags` are the command's options by name
+    (`num_samples=8`, `storage_path=...`, `set={"lr": 0.01}`, `smoke_test=True`), checked exactly as the
+    command checks them. The command line they make is what the search saves for --resume."""
+    argv = [study]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "set":
+            items = value.items() if isinstance(value, dict) else (item.split("=", 1) for item in value)
+            argv += [word for k, v in items for word in ("--set", f"{k}={v}")]
+        elif value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    parser = build_parser()
+    unknown = sorted(set(flags) - set(vars(parser.parse_args([study]))) - {"set"})
+    if unknown or "resume" in flags:
+        raise TypeError(f"make_plan: no option {', '.join(unknown or ['resume'])} (the command's options by name)")
+    return new_plan(parser.parse_args(argv), argv, must_be_new=True)
+
 
 def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
     """The checked plan of a new search, or of the one --resume names (rebuilt from its saved command line).

@@ -48,7 +48,7 @@ BATCH_LIMITS = (1000, 100, 100)  # metrics, params, tags: the most MLflow takes 
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "rekd.role"  # search | trial | final
-SEARCH_TAG = "rekd.search.plan"  # the search's name, on the parent and on every child
+SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
 OUTCOME_TAG = "rekd.outcome"
 INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
 RERUN_TAG = "rekd.rerun_epochs"  # "first-last": epochs a continued trial ran again (their checkpoint was lost)
