@@ -1,8 +1,19 @@
-"""rekd.evaluate.best and rekd.evaluate.final refuse bad input in one line with exit status 2, leaving nothing behind."""
-import pytest
+"""rekd.evaluate.best and rekd.evaluate.final refuse bad input in one line with exit status 2, leaving nothing behind;
+rekd.final's runs go on through a tracking server outage and lose nothing of what they log."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+from mlflow.tracking import MlflowClient
+
+from processes import free_port
 from rekd.evaluate.best import main as best_main
 from rekd.evaluate.final import main as final_main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(main, argv, capsys):
@@ -52,3 +63,68 @@ def test_final_refuses_a_malformed_best_file(content, message, tmp_path, capsys)
 def test_final_refuses_zero_seeds(tmp_path, capsys):
     code, err = run(final_main, [str(tmp_path / "x.yaml"), "--seeds", "0"], capsys)
     assert code == 2 and "--seeds 0 is not allowed" in err
+
+
+# -- a tracking server outage during the final runs -----------------------------------------------------------
+def first_epoch_logged(client, experiment: str) -> bool:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string="tags.`rekd.role` = 'final_run'") if found else []
+    return any(client.get_metric_history(run.info.run_id, "val_acc") for run in runs)
+
+
+@pytest.mark.slow
+def test_final_runs_go_on_through_a_tracking_server_restart_and_every_epoch_reaches_mlflow(tmp_path):
+    """The server stops after the first epoch is in MLflow and comes back on the same port and store while
+    the runs train: the writer keeps what it could not send and sends it when the server is back."""
+    from test_search_faults import start_mlflow, stop  # the tracking server as the search's outage test runs it
+
+    port, store, log = free_port(), tmp_path / "store", tmp_path / "mlflow.log"
+    store.mkdir()
+    uri, experiment, epochs = f"http://127.0.0.1:{port}", "final-outage", 3
+    best = tmp_path / "best.yaml"
+    best.write_text(f"experiment: {experiment}\nconfigs:\n- settings: {{mode: default_kd, epochs: {epochs}}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # each try at the dead server fails at once; the writer retries
+    server = start_mlflow(port, store, log)
+    final = subprocess.Popen([sys.executable, "-m", "rekd.final", str(best), "--seeds", "1", "--epochs", str(epochs),
+                              "--tracking-uri", uri, "--out", str(tmp_path / "out")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             cwd=ROOT)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 180
+        while not first_epoch_logged(client, experiment):
+            assert time.monotonic() < deadline and final.poll() is None, "no epoch of the final runs reached MLflow"
+            time.sleep(0.3)
+        stop(server)
+        time.sleep(5)  # the runs train on while nothing can be logged
+        assert final.poll() is None, "the final runs ended during the outage: it did not overlap them"
+        server = start_mlflow(port, store, log)
+        out, err = final.communicate(timeout=400)
+    finally:
+        if final.poll() is None:
+            final.kill()
+            final.communicate()
+    try:
+        assert final.returncode == 0, err[-3000:]
+        assert "MLflow unreachable" in err and "were not made" not in err, err[-3000:]
+        assert "| baseline |" in out and len(list((tmp_path / "out").glob("final-*.json"))) == 1
+        client = MlflowClient(uri)
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        [parent] = client.search_runs([experiment_id], filter_string="tags.`rekd.role` = 'final'")
+        assert parent.info.status == "FINISHED" and "baseline/test_acc_mean" in parent.data.metrics
+        assert "rekd.code_version" in parent.data.tags
+        assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "final")) == [
+            f"final/{p.name}" for p in sorted((tmp_path / "out").glob("final-*.*"))]
+        children = client.search_runs([experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(c.info.run_name for c in children) == ["#1 default_kd seed 0", "baseline seed 0"]
+        for child in children:
+            assert child.info.status == "FINISHED" and child.data.tags["rekd.role"] == "final_run"
+            assert child.data.params["mode"] == ("baseline" if child.data.tags["rekd.label"] == "baseline"
+                                                 else "default_kd")
+            for key in ("val_acc", "test_acc", "train_loss"):  # every epoch, once
+                assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == \
+                    list(range(1, epochs + 1)), key
+    finally:
+        stop(server)

@@ -46,7 +46,8 @@ def local_ray():
 
 def test_a_search_whose_trials_diverge_tags_them_and_finishes(tmp_path, capsys, local_ray):
     from rekd.search.driver import run_search
-    from rekd.tracking.tune_callback import client_for, ensure_experiment
+    from rekd.tracking.runs import client_for
+    from rekd.tracking.store import ensure_experiment
 
     args = build_parser().parse_args(["default_kd", "--smoke-test", "--num-samples", "3", "--storage-path",
                                       str(tmp_path), "--name", "nan-search"])

@@ -1,7 +1,9 @@
 """The MLflow tracker on a real (sqlite) store: every result arrives, in order, gathered into few calls."""
 from types import SimpleNamespace
 
-from rekd.tracking.tune_callback import OUTCOME_TAG, MlflowTrialTracker, client_for, ensure_experiment
+from rekd.tracking.runs import OUTCOME_TAG, client_for
+from rekd.tracking.store import ensure_experiment
+from rekd.tracking.tune_callback import MlflowTrialTracker
 
 
 def test_a_search_s_results_reach_mlflow_complete_and_in_far_fewer_calls_than_epochs(tmp_path):
@@ -81,7 +83,7 @@ def test_a_call_the_store_refuses_for_good_is_dropped_and_the_rest_of_its_batch_
 
 
 def test_error_summary_finds_the_exception_in_tunes_failure_text():
-    from rekd.tracking.tune_callback import error_summary
+    from rekd.tracking.runs import error_summary
 
     text = ("Failure # 1 (occurred at 2026-11-27_21-22-50)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n"
             "  File \"x.py\", line 3, in f\n    raise UsageError(msg)\n"
@@ -127,3 +129,41 @@ def test_a_bug_in_the_writer_is_raised_not_retried_as_an_outage(tmp_path):
     assert [op[0] for op in unsent] == ["start", "log"]
     with pytest.raises(KeyError, match="a bug"):
         tracker.raise_if_crashed()
+
+
+def test_a_writer_makes_each_key_s_child_run_as_its_command_names_it(tmp_path):
+    """The writer under final runs and reproductions: a parent made with its versions, children named and
+    tagged by the command, each key's settings, metrics and end in order."""
+    from mlflow.entities import Metric, Param
+
+    from rekd.tracking.runs import PARENT_TAG, ROLE_TAG, create_parent_run
+    from rekd.tracking.writer import RunWriter
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, "writer")
+    parent = create_parent_run(client, experiment_id, "final-x", tags={ROLE_TAG: "final"}, params=[Param("seeds", "2")])
+    writer = RunWriter(uri, experiment_id, parent,
+                       child_run=lambda key: (key, {ROLE_TAG: "final_run", "rekd.label": key.split()[0]}))
+    for key in ("baseline seed 0", "kd seed 0"):
+        writer.start(key, {"lr": 0.1, "note": None})
+        for epoch in (1, 2):
+            writer.log(key, [Metric("val_acc", epoch / 10, 1000 + epoch, epoch)])
+        writer.end(key, "FINISHED")
+    writer.log(None, [Metric("test_acc_mean", 0.5, 0, 0)])
+    writer.end(None, "FINISHED")
+    assert writer.close(timeout=30) == [] and writer.failures == 0 and not writer.refused
+
+    run = client.get_run(parent)
+    assert run.info.run_name == "final-x" and run.info.status == "FINISHED" and run.data.params == {"seeds": "2"}
+    assert run.data.tags[ROLE_TAG] == "final" and "rekd.code_version" in run.data.tags
+    assert run.data.metrics == {"test_acc_mean": 0.5}
+    children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'")
+    assert sorted(c.info.run_name for c in children) == ["baseline seed 0", "kd seed 0"]
+    for child in children:
+        assert writer.runs[child.info.run_name] == child.info.run_id and child.info.status == "FINISHED"
+        assert child.data.tags[ROLE_TAG] == "final_run"
+        assert child.data.tags["rekd.label"] == child.info.run_name.split()[0]
+        assert child.data.params == {"lr": "0.1", "note": "none"}
+        history = client.get_metric_history(child.info.run_id, "val_acc")
+        assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2)]

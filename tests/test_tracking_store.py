@@ -170,7 +170,7 @@ def test_other_forms_are_refused_and_a_password_is_not_printed(uri, fragment):
 OPENER = r"""
 import sys, time
 from pathlib import Path
-import rekd.tracking.tune_callback  # the slow imports happen before the start line, so that the opens really overlap
+import rekd.tracking.runs  # the slow imports happen before the start line, so that the opens really overlap
 from rekd.tracking.store import open_store
 go, ready, uri, experiment = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 ready.touch()

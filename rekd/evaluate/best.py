@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     import os
 
-    from rekd.tracking.tune_callback import client_for, first_line
+    from rekd.tracking.runs import client_for, first_line
     from rekd.search.state import default_store_uri
     from rekd.tracking.store import RESULTS_FOLDER, check_tracking_uri, sqlite_path
 

@@ -4,7 +4,9 @@ scored on the test split (tuning only ever saw the validation split).
 For every seed the baseline is trained first; it is also the teacher sparse_kd configs of that seed
 distil from (the paper's protocol: the baseline student is its own teacher). Reports test accuracy
 mean +- std per config and the improvement over the baseline paired by seed, and tracks every run in
-MLflow under one parent run.
+MLflow under one parent run, through the queued writer (rekd.tracking.writer): an unreachable tracking
+server never stops the runs; what it never received is named in a warning at the end, and the results
+are in the --out files all the same.
 """
 from __future__ import annotations
 
@@ -15,20 +17,21 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric
 
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig, read_settings_file
 from rekd.errors import UsageError
-from rekd.provenance import provenance
 from rekd.stats import mean_std, paired
 from rekd.snn.teachers import cpu_weights, store_teacher
-from rekd.tracking.tune_callback import ROLE_TAG, flat_params, numeric_metrics
+from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
 from rekd.tracking.store import check_tracking_uri, open_store
+from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, RunWriter, warn_unlogged
 from rekd.train.loop import resolve, train
 from rekd.tracking.links import ui_hint
 
 PROG = "python -m rekd.final"
+CHILD_ROLE = "final_run"
 
 
 def build_parser() -> Parser:
@@ -76,27 +79,29 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     name = f"final-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = client.create_run(experiment_id, run_name=name, tags={ROLE_TAG: "final", "rekd.best_file": args.best})
-    client.log_batch(parent.info.run_id, tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+    parent_id = create_parent_run(client, experiment_id, name, tags={ROLE_TAG: "final", "rekd.best_file": args.best})
+    writer = RunWriter(uri, experiment_id, parent_id, child_run=final_run)
     labels = ["baseline"] + [f"#{i + 1} {c.mode}" for i, c in enumerate(configs)]
     scores: dict[str, list[float]] = {label: [] for label in labels}
     seeds = list(range(args.seeds))
     try:
         for seed in seeds:
             base_cfg = dataclasses.replace(baseline, seed=seed)
-            result = tracked_run(client, experiment_id, parent.info.run_id, "baseline", base_cfg)
+            result = tracked_run(writer, "baseline", base_cfg)
             scores["baseline"].append(result.final["test_acc"])
             teacher_cfg = dataclasses.replace(base_cfg, teacher_epochs=base_cfg.epochs)
             store_teacher(teacher_cfg, cpu_weights(result.model), result.final["val_acc"])
             for label, cfg in zip(labels[1:], configs):
                 cfg = dataclasses.replace(cfg, seed=seed, teacher_epochs=cfg.epochs)
-                scores[label].append(tracked_run(client, experiment_id, parent.info.run_id, label, cfg).final["test_acc"])
+                scores[label].append(tracked_run(writer, label, cfg).final["test_acc"])
     except BaseException:
-        client.set_terminated(parent.info.run_id, "FAILED")
+        writer.end(None, "FAILED")
+        warn_unlogged(writer, writer.close(timeout=FAILED_GRACE_S))
         raise
     table = report(labels, configs, scores, seeds, document)
-    (out_dir / f"{name}.md").write_text(table + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps({"seeds": seeds, "test_acc": scores}, indent=2))
+    files = [out_dir / f"{name}.md", out_dir / f"{name}.json"]
+    files[0].write_text(table + "\n")
+    files[1].write_text(json.dumps({"seeds": seeds, "test_acc": scores}, indent=2))
     summary = {}
     for label in labels:
         mean, std = mean_std(scores[label])
@@ -104,13 +109,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         summary[f"{key}/test_acc_mean"], summary[f"{key}/test_acc_std"] = mean, std
         if label != "baseline":
             summary[f"{key}/improvement_mean"] = paired(scores[label], scores["baseline"])[0]
-    client.log_batch(parent.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
-    client.log_artifact(parent.info.run_id, str(out_dir / f"{name}.md"), artifact_path="final")
-    client.log_artifact(parent.info.run_id, str(out_dir / f"{name}.json"), artifact_path="final")
-    client.set_terminated(parent.info.run_id, "FINISHED")
+    writer.log(None, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
+    for path in files:
+        writer.log_artifact(None, str(path), artifact_path="final")
+    writer.end(None, "FINISHED")
+    unsent = writer.close(timeout=GRACE_S)
     print(table)
     print(f"\nsaved {out_dir / (name + '.md')}")
-    print("\n".join(ui_hint(uri, experiment_name, experiment_id, parent.info.run_id)))
+    print("\n".join(ui_hint(uri, experiment_name, experiment_id, parent_id)))
+    warn_unlogged(writer, unsent, " and ".join(map(str, files)))
+    writer.raise_if_crashed()
     return 0
 
 
@@ -125,23 +133,27 @@ def tracking_uri_of(args, document: dict) -> tuple[str, str]:
     raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
 
 
-def tracked_run(client, experiment_id: str, parent_id: str, label: str, cfg: TrainConfig):
-    """Train one config, mirroring each epoch's metrics into a child run of the final parent run."""
-    child = client.create_run(experiment_id, run_name=f"{label} seed {cfg.seed}",
-                              tags={"mlflow.parentRunId": parent_id, ROLE_TAG: "final_run", "rekd.label": label})
-    run_id = child.info.run_id
-    client.log_batch(run_id, params=flat_params(cfg.to_dict()))
+def final_run(key: str) -> tuple[str, dict[str, str]]:
+    """The child run of one training run, keyed by its run name `<label> seed <seed>`: (name, tags)."""
+    return key, {ROLE_TAG: CHILD_ROLE, "rekd.label": key.rsplit(" seed ", 1)[0]}
+
+
+def tracked_run(writer: RunWriter, label: str, cfg: TrainConfig):
+    """Train one config, mirroring each epoch's metrics into a child run of the final parent run (queued:
+    training never waits for the tracking server)."""
+    key = f"{label} seed {cfg.seed}"
+    writer.start(key, cfg.to_dict())
     print(f"{label}, seed {cfg.seed}: training {cfg.epochs} epochs", flush=True)
 
     def on_epoch(metrics: dict) -> None:
-        client.log_batch(run_id, metrics=numeric_metrics(metrics, metrics["epoch"], int(time.time() * 1000)))
+        writer.log(key, numeric_metrics(metrics, metrics["epoch"], int(time.time() * 1000)))
 
     try:
         result = train(cfg, on_epoch=on_epoch)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        writer.end(key, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    writer.end(key, "FINISHED")
     print(f"{label}, seed {cfg.seed}: test_acc={result.final['test_acc']:.4f}", flush=True)
     return result
 

@@ -4,7 +4,9 @@ Stage 1 trains each seed's baseline; its weights go into Ray's object store, and
 seed take them from there (Ray starts a KD task as soon as its seed's baseline is done). Each seed's data
 go into the object store once and are shared by that seed's runs. Tasks never talk to MLflow: they return
 their per-epoch history, and the driver logs it into one child run per training run under the
-reproduction's parent run (tag rekd.role=reproduce). The parent ends FAILED if anything raises.
+reproduction's parent run (tag rekd.role=reproduce). The parent ends FAILED if anything raises. The driver
+logs through the queued writer (rekd.tracking.writer): an unreachable tracking server never stops the
+reproduction; what it never received is named in a warning at the end, and the tables are written all the same.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
@@ -24,14 +26,14 @@ from rekd.evaluate.reproduce_plan import ReproducePlan, RunSpec
 from rekd.evaluate.tables import Row, csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.snn.teachers import cpu_weights
-from rekd.tracking.tune_callback import PARENT_TAG, ROLE_TAG, flat_params, numeric_metrics
+from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
 from rekd.tracking.store import open_store
+from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, ChildRun, RunWriter, warn_unlogged
 from rekd.train.loop import train
 from rekd.tracking.links import ui_hint
 
 CHILD_ROLE = "reproduce_run"
 NAME_TAG = "rekd.reproduce"  # the reproduction's name, on the parent and on every child
-MAX_BATCH = 1000  # MLflow takes at most this many metrics in one log_batch call
 ARTIFACT_DIR = "reproduce"
 
 
@@ -69,25 +71,29 @@ def execute(plan: ReproducePlan, data: dict[int, DataSplits], library_log: Libra
     (plan.out_dir / plan.name).mkdir(parents=True, exist_ok=True)
     library_log.write_to(plan.out_dir / plan.name)
     parent_id = open_parent(client, experiment_id, plan)
+    writer = RunWriter(plan.tracking_uri, experiment_id, parent_id, child_run=child_runs(plan))
     try:
-        records = run_tasks(plan, data, client, experiment_id, parent_id)
+        records = run_tasks(plan, data, writer)
         rows = rows_from(records, plan.seeds, plan.ratios)
         table, files = write_results(plan, records, rows)
-        client.log_batch(parent_id, metrics=[Metric(k, v, now_ms(), 0) for k, v in summary_metrics(rows).items()])
+        writer.log(None, metrics=[Metric(k, v, now_ms(), 0) for k, v in summary_metrics(rows).items()])
         for path in files:
-            client.log_artifact(parent_id, str(path), artifact_path=ARTIFACT_DIR)
+            writer.log_artifact(None, str(path), artifact_path=ARTIFACT_DIR)
     except BaseException:
-        client.set_terminated(parent_id, "FAILED")
+        writer.end(None, "FAILED")
+        warn_unlogged(writer, writer.close(timeout=FAILED_GRACE_S))
         raise
-    client.set_terminated(parent_id, "FINISHED")
+    writer.end(None, "FINISHED")
+    unsent = writer.close(timeout=GRACE_S)
     print("\n" + table)
     print(f"\nsaved {plan.out_dir / plan.name}: {', '.join(p.name for p in files)}")
     print("\n".join(ui_hint(plan.tracking_uri, plan.experiment, experiment_id, parent_id)))
+    warn_unlogged(writer, unsent, str(plan.out_dir / plan.name))
+    writer.raise_if_crashed()
     return 0
 
 
-def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], client, experiment_id: str,
-              parent_id: str) -> list[dict]:
+def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], writer: RunWriter) -> list[dict]:
     """Submit every run as a Ray task; log each into its child run as it finishes; the per-run records."""
     import ray
 
@@ -105,30 +111,36 @@ def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], client, experime
     kd = ray.remote(kd_task).options(**resources)
     pending, weights = {}, {}
     for spec in specs:  # baselines come first in specs, so their weights' refs exist for the KD tasks
-        run_id = open_child(client, experiment_id, parent_id, plan, spec)
+        key = run_name(plan, spec)
+        writer.start(key, spec.config.to_dict())
         if spec.kind == "baseline":
             ref, weights[spec.seed] = baseline.remote(spec.config, data_refs[spec.seed])
         else:
             teacher = weights[spec.seed] if spec.config.mode == "sparse_kd" else None
             ref = kd.remote(spec.config, data_refs[spec.seed], teacher)
-        pending[ref] = (spec, run_id)
-    records = []
+        pending[ref] = (spec, key)
+    records, keys = [], []
     try:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            spec, run_id = pending.pop(ref)
+            spec, key = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except BaseException:
-                client.set_terminated(run_id, "FAILED")
+                writer.end(key, "FAILED")
                 raise
-            records.append(close_child(client, run_id, spec, result))
+            records.append(close_child(writer, key, spec, result))
+            keys.append(key)
             print(f"{plan.table} {progress(spec, result)} ({len(records)}/{len(specs)} done)", flush=True)
     except BaseException:
-        for ref, (spec, run_id) in pending.items():
+        for ref, (spec, key) in pending.items():
             ray.cancel(ref)
-            client.set_terminated(run_id, "KILLED")
+            writer.end(key, "KILLED")
         raise
+    for record, key in zip(records, keys):
+        # The runs were made while the tasks ran (their starts were queued before the first task); a run
+        # the store has not received yet, as it was unreachable, has no id.
+        record["mlflow_run_id"] = writer.runs.get(key)
     return records
 
 
@@ -141,11 +153,8 @@ def progress(spec: RunSpec, result: dict) -> str:
 
 # -- MLflow: the parent run and one child per training run -----------------------------------------------------
 def open_parent(client, experiment_id: str, plan: ReproducePlan) -> str:
-    parent = client.create_run(experiment_id, run_name=plan.name,
-                               tags={ROLE_TAG: "reproduce", NAME_TAG: plan.name, "rekd.table": plan.table})
-    client.log_batch(parent.info.run_id, params=parent_params(plan),
-                     tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
-    return parent.info.run_id
+    return create_parent_run(client, experiment_id, plan.name, params=parent_params(plan),
+                             tags={ROLE_TAG: "reproduce", NAME_TAG: plan.name, "rekd.table": plan.table})
 
 
 def parent_params(plan: ReproducePlan) -> list[Param]:
@@ -161,26 +170,34 @@ def parent_params(plan: ReproducePlan) -> list[Param]:
     return [Param(k, "none" if v is None else str(v)) for k, v in sorted(values.items())]
 
 
-def open_child(client, experiment_id: str, parent_id: str, plan: ReproducePlan, spec: RunSpec) -> str:
-    tags = {PARENT_TAG: parent_id, ROLE_TAG: CHILD_ROLE, NAME_TAG: plan.name, "rekd.table": plan.table,
-            "rekd.kind": spec.kind, "rekd.seed": str(spec.seed)}
-    if spec.prune_ratio is not None:
-        tags["rekd.prune_ratio"] = f"{spec.prune_ratio:g}"
-    child = client.create_run(experiment_id, run_name=f"{plan.table} {spec.label}", tags=tags)
-    client.log_batch(child.info.run_id, params=flat_params(spec.config.to_dict()))
-    return child.info.run_id
+def run_name(plan: ReproducePlan, spec: RunSpec) -> str:
+    """A training run's child run name, also its key in the writer (unique within the reproduction)."""
+    return f"{plan.table} {spec.label}"
 
 
-def close_child(client, run_id: str, spec: RunSpec, result: dict) -> dict:
-    """Log a finished run's history (step = epoch) and final scores; its record for the table."""
-    metrics = []
+def child_runs(plan: ReproducePlan) -> ChildRun:
+    """How the writer makes each training run's child run: its name and tags, from its spec."""
+    specs = {run_name(plan, spec): spec for spec in plan.runs()}
+
+    def child_run(key: str) -> tuple[str, dict[str, str]]:
+        spec = specs[key]
+        tags = {ROLE_TAG: CHILD_ROLE, NAME_TAG: plan.name, "rekd.table": plan.table, "rekd.kind": spec.kind,
+                "rekd.seed": str(spec.seed)}
+        if spec.prune_ratio is not None:
+            tags["rekd.prune_ratio"] = f"{spec.prune_ratio:g}"
+        return key, tags
+
+    return child_run
+
+
+def close_child(writer: RunWriter, key: str, spec: RunSpec, result: dict) -> dict:
+    """Log a finished run's history (step = epoch, one log per epoch: the writer batches them within MLflow's
+    limits) and final scores; its record for the table (its run id comes once the tasks are done)."""
     for epoch_metrics, end_ms in zip(result["history"], result["epoch_end_ms"]):
-        metrics += numeric_metrics(epoch_metrics, epoch_metrics["epoch"], end_ms)
-    metrics.append(Metric("final_test_acc", result["test_acc"], now_ms(), 0))
-    for start in range(0, len(metrics), MAX_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + MAX_BATCH])
-    client.set_terminated(run_id, "FINISHED")
-    return {"kind": spec.kind, "seed": spec.seed, "prune_ratio": spec.prune_ratio, "mlflow_run_id": run_id,
+        writer.log(key, numeric_metrics(epoch_metrics, epoch_metrics["epoch"], end_ms))
+    writer.log(key, [Metric("final_test_acc", result["test_acc"], now_ms(), 0)])
+    writer.end(key, "FINISHED")
+    return {"kind": spec.kind, "seed": spec.seed, "prune_ratio": spec.prune_ratio, "mlflow_run_id": None,
             **{k: v for k, v in result.items() if k not in ("history", "epoch_end_ms")}}
 
 

@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from rekd.cli import python_command
 from rekd.datasets import DataSplits, load_dataset
-from rekd.provenance import provenance
 from rekd.search.interrupt import Interruption
 from rekd.search import trial_storage
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray, stop_ray
@@ -28,8 +27,9 @@ from rekd.search.storage_watch import StorageWatch, storage_error
 from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
 from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished, make_searcher
 from rekd.search.asha import ResumableASHA
-from rekd.tracking.tune_callback import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, MlflowTrialTracker, describe_unsent,
-                           first_line)
+from rekd.tracking.runs import INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line
+from rekd.tracking.tune_callback import MlflowTrialTracker
+from rekd.tracking.writer import describe_unsent
 from rekd.search.unsent import keep_unsent
 from rekd.tracking.store import open_store
 
@@ -167,12 +167,9 @@ def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> s
             client.delete_tag(parent_id, INTERRUPTED_TAG)
         print(f"resuming search {plan.name}: MLflow parent run {parent_id}", flush=True)
         return parent_id
-    parent = client.create_run(experiment_id, run_name=plan.name,
-                               tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": plan.study.name,
-                                     OUTCOME_TAG: "running"})
-    parent_id = parent.info.run_id
-    client.log_batch(parent_id, params=parent_params(plan),
-                     tags=[RunTag(f"rekd.{k}", str(v)) for k, v in provenance().items()])
+    parent_id = create_parent_run(client, experiment_id, plan.name, params=parent_params(plan),
+                                  tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": plan.study.name,
+                                        OUTCOME_TAG: "running"})
     client.log_artifact(parent_id, str(plan.study.path), artifact_path="study")
     write_state(experiment_dir, list(plan.argv), parent_id, experiment_id, plan.tracking_uri,
                 default_store=plan.tracking_uri == default_store_uri(plan.local_path))

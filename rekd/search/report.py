@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 from rekd.search import trial_storage
 from rekd.cli import python_command
 from rekd.search.ranking import rank_key
-from rekd.tracking.tune_callback import OUTCOME_TAG
+from rekd.tracking.runs import OUTCOME_TAG
 from rekd.tracking import outcomes
 from rekd.tracking.links import ui_hint
 

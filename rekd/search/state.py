@@ -17,7 +17,7 @@ from typing import Optional
 
 from rekd.errors import UsageError
 from rekd.locks import FileLock, Held
-from rekd.tracking.tune_callback import first_line
+from rekd.tracking.runs import first_line
 
 STATE_FILE = "rekd-search.json"
 LOCK_FILE = ".rekd-driver.lock"

@@ -22,8 +22,9 @@ from rekd.cli import Parser, python_command, run
 from rekd.errors import UsageError
 from rekd.locks import FileLock, Held
 from rekd.search.state import LOCK_FILE
-from rekd.tracking.tune_callback import (BATCH_LIMITS, INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG, client_for,
-                           first_line, flat_params, refused_for_good)
+from rekd.tracking.runs import (BATCH_LIMITS, INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG,
+                                client_for, first_line, flat_params)
+from rekd.tracking.writer import refused_for_good
 from rekd.tracking.store import check_tracking_uri, redacted, sqlite_path
 
 PROG = "python -m rekd.unsent"

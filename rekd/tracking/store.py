@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from rekd.errors import UsageError
 from rekd.locks import FileLock, Held
@@ -150,13 +151,47 @@ def open_store(uri: str, experiment: str) -> tuple[MlflowClient, str]:
 
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    from rekd.tracking.tune_callback import client_for, ensure_experiment, first_line
+    from rekd.tracking.runs import client_for, first_line  # MLflow: imported when needed
 
     try:
         client = client_for(uri)  # MLflow opens the store here: a new SQLite store gets its schema now
     except Exception as e:  # a broken store, an unusable URI
         raise UsageError(f"MLflow tracking store {redacted(uri)!r} cannot be used: {first_line(e)}") from None
     return client, ensure_experiment(client, experiment)
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if missing (before any run of it starts); in a SQLite store with
+    its artifacts beside the store (artifact_location)."""
+    from mlflow.exceptions import MlflowException  # MLflow: imported when needed
+
+    from rekd.tracking.runs import first_line
+
+    location = artifact_location(client.tracking_uri, name)
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise UsageError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+            experiment_id, where = experiment.experiment_id, experiment.artifact_location
+        else:
+            try:
+                experiment_id, where = client.create_experiment(name, artifact_location=location), location
+            except MlflowException as e:
+                # Two searches started at once: the other one created it between our look and our create.
+                experiment = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+                if experiment is None:
+                    raise
+                experiment_id, where = experiment.experiment_id, experiment.artifact_location
+        if location is not None and where == location:
+            # Made now, not by the first artifact, so that a run whose experiment folder is missing has been
+            # moved (missing_artifact_folder), never merely not written to yet.
+            Path(url2pathname(urlsplit(location).path)).mkdir(parents=True, exist_ok=True)
+        return experiment_id
+    except UsageError:
+        raise
+    except Exception as e:  # any failure to reach or use the store
+        raise UsageError(f"MLflow tracking store {client.tracking_uri!r} cannot be used: {first_line(e)}") from None
 
 
 def artifact_location(uri: str, experiment: str) -> Optional[str]:
