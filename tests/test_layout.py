@@ -124,10 +124,12 @@ def test_the_checks_catch_what_they_are_for():
 
 
 @pytest.mark.parametrize("module", ["rekd.train.loop", "rekd.train.__main__", "rekd.snn.teachers",
-                                    "rekd.tracking.runs", "rekd.tracking.writer", "rekd.tracking.store"])
+                                    "rekd.tracking.runs", "rekd.tracking.writer", "rekd.tracking.store",
+                                    "rekd.evaluate.best", "rekd.evaluate.final"])
 def test_training_and_mlflow_writing_load_without_ray(module):
-    """Imported in a fresh interpreter: the loop imports neither Ray nor MLflow; MLflow's side of tracking
-    loads without Ray (only the Tune callback needs it)."""
+    """Imported in a fresh interpreter: the loop imports neither Ray nor MLflow; MLflow's side of tracking,
+    and the commands that only read or write MLflow (best, final), load without Ray (only the Tune callback
+    and the search need it)."""
     banned = ("ray", "mlflow") if module.startswith(("rekd.train", "rekd.snn")) else ("ray",)
     code = (f"import importlib, sys; importlib.import_module({module!r}); "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(banned)!r}))")
