@@ -7,10 +7,10 @@ benchmark in rekd.bench.search_efficiency.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -235,12 +235,8 @@ def harness_overhead(quick: bool, concurrency: int) -> Row:
                          storage_path=storage, name="bench").with_study(grace_period=epochs)  # ASHA stops nothing
         data = load_dataset(plan.base)
         started = time.time()
-        with open(os.devnull, "w") as quiet:
-            stdout, sys.stdout = sys.stdout, quiet
-            try:
-                run_search(plan, data)
-            finally:
-                sys.stdout = stdout
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            run_search(plan, data)
         ended = time.time()
         import ray
         ray.shutdown()

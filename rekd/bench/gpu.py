@@ -15,6 +15,7 @@ per process. The same function measures on a CPU, which is how the tests exercis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -125,12 +126,8 @@ def sharing_rows(quick: bool) -> list:
             plan = plan.with_study(gpus=1.0 / k, grace_period=2)  # ASHA stops nothing
             data = load_dataset(plan.base)
             started = time.perf_counter()
-            with open(os.devnull, "w") as quiet:
-                stdout, sys.stdout = sys.stdout, quiet
-                try:
-                    run_search(plan, data)
-                finally:
-                    sys.stdout = stdout
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                run_search(plan, data)
             hours = (time.perf_counter() - started) / 3600
             rows.append(Row(f"resnet18 search, {k} trial(s) sharing the GPU", 2 * k / hours, "trials/h", None,
                             f"{2 * k} trials of 2 epochs over {len(data.train)} images in {hours * 3600:.0f} s",
