@@ -3,8 +3,8 @@
 Ray restores a Tune experiment's trials and searcher but rebuilds the scheduler from the pickle taken
 when the search began (ray issue 30838): after a resume ASHA's rungs are empty, and trials that the
 uninterrupted search would stop are let through. Here every trial that comes back on restore replays
-its recorded results (its result.json) into its bracket, so the rungs hold what they held before the
-driver died and later decisions follow the same rule.
+its recorded results (its result.json) through ASHA's public `on_trial_result`, so the rungs hold what
+they held before the driver died and later decisions follow the same rule.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import copy
 import json
 from typing import Iterator, Optional
 
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 
 from rekd.search import trial_storage
@@ -20,12 +21,17 @@ from rekd.search import trial_storage
 class ResumableASHA(ASHAScheduler):
     storage_path: Optional[str] = None  # set by the driver on a resume: where the experiment's folder is now
 
+    def __init__(self, time_attr: str = TRAINING_ITERATION, **kwargs):
+        super().__init__(time_attr=time_attr, **kwargs)
+        self.time_attr = time_attr  # ASHA keeps its own copy privately
+
     def on_trial_add(self, tune_controller, trial) -> None:
         relocate(trial, self.storage_path)
         super().on_trial_add(tune_controller, trial)
-        bracket = self._trial_info[trial.trial_id]
-        for iteration, value in recorded_results(trial, self._time_attr, self._metric):
-            bracket.on_result(trial, iteration, self._metric_op * value)
+        # Each recorded result goes through ASHA's public entry, as it did when the trial reported it: it
+        # fills the rungs the same way. The decisions it returns were acted on then, and are ignored now.
+        for iteration, value in recorded_results(trial, self.time_attr, self.metric):
+            super().on_trial_result(tune_controller, trial, {self.time_attr: iteration, self.metric: value})
 
 
 def relocate(trial, storage_path: Optional[str]) -> None:

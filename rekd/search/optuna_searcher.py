@@ -4,16 +4,27 @@ Ray's OptunaSearch tells Optuna that a trial ASHA stopped early is COMPLETE, wit
 its partial budget. TPE then models those low, early values as if they were final results of their
 configurations, which misleads it. Here such a trial is told as PRUNED: Optuna keeps its intermediate
 values (reported every epoch) and TPE treats it as a trial that did not earn its full budget.
+
+The searcher is rekd's own `ray.tune.search.Searcher` over Optuna's public ask-and-tell API, not a subclass
+of Ray's OptunaSearch: resuming a search needs the Optuna study and trials to be saved and reconnected,
+and OptunaSearch keeps them only in private fields. Here the searcher's state is public and portable:
+the study is its name and storage URL, each Tune trial maps to its Optuna trial NUMBER, and the live
+Optuna objects are opened from those when needed (so a pickled searcher never holds a database
+connection, and a moved folder is reconnected where it is now).
+
+`ResumableOptunaSearch` does what Ray's OptunaSearch does (an early-stopped trial is told COMPLETE with its
+partial value: the `stock` comparison); `PrunedAwareOptunaSearch` adds the PRUNED fix and tells a trial
+that stopped itself (NaN loss, out of memory) as FAIL.
 """
 from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass
 from typing import Optional
 
 import optuna
-from ray.tune.result import TRAINING_ITERATION
+from ray.tune.result import DEFAULT_METRIC, TRAINING_ITERATION
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from rekd.search.study import Param, Study
@@ -24,6 +35,9 @@ log = logging.getLogger(__name__)
 CONTINUES_ATTR = "rekd.continues"
 INTERRUPTED_ATTR = "rekd.interrupted_trials"
 EPOCH_KEY = "epoch"  # rekd's own per-epoch counter: survives trial restarts, unlike Tune's iteration
+
+TrialState = optuna.trial.TrialState
+LIVE = ("study", "storage", "open_trials")  # connections and objects opened from the saved state
 
 
 def distribution(param: Param) -> optuna.distributions.BaseDistribution:
@@ -42,128 +56,233 @@ def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=study.sampler_seed)
 
 
-class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch whose Optuna record stays true across interruptions, resumes and moved folders.
+class ResumableOptunaSearch(Searcher):
+    """Optuna's sampler behind Tune (as Ray's OptunaSearch), whose Optuna record stays true across
+    interruptions, resumes and moved folders.
 
-    An interrupted search closes its unfinished Optuna trials as FAIL (close_unfinished): no trial stays
-    RUNNING while no driver runs. On resume, each such trial that Tune continues from its checkpoint gets
-    a new Optuna trial with the same parameters and intermediate values (user attr `rekd.continues`:
-    the number of the trial it continues), which is told the trial's result. Ray keeps the Optuna state in
-    private fields (`_ot_study`, `_ot_trials`, `_completed_trials`; ray 2.60): they are read and re-pointed here.
+    `storage` is the study's RDB URL (None: an in-memory study, which is not resumable). An interrupted
+    search closes its unfinished Optuna trials as FAIL (close_unfinished): no trial stays RUNNING while no
+    driver runs. On resume, each such trial that Tune continues from its checkpoint gets a new Optuna trial
+    with the same parameters and intermediate values (user attr `rekd.continues`: the number of the trial
+    it continues), which is told the trial's result.
     """
 
     storage_url: Optional[str] = None  # set by the driver before a resume: where optuna.db is now
 
-    # Tune pickles the searcher twice: whole, in tuner.pkl (unpickled by Tuner.restore) and as its
-    # __dict__, in its searcher-state file (save/restore). Both keep the Optuna study as its name and
-    # storage URL, not as live objects: Optuna's RDBStorage reconnects to its pickled URL as it is
-    # unpickled, which would open (or create) optuna.db where the search was started, not where it is now.
+    def __init__(self, space: Optional[dict[str, optuna.distributions.BaseDistribution]] = None,
+                 metric: Optional[str] = None, mode: Optional[str] = None,
+                 sampler: Optional[optuna.samplers.BaseSampler] = None, study_name: str = "optuna",
+                 storage: Optional[str] = None):
+        super().__init__(metric=metric, mode=mode)
+        self.space = dict(space or {})
+        self.target_metric, self.target_mode = metric, mode
+        self.sampler = sampler or optuna.samplers.TPESampler()
+        self.study_name = study_name
+        self.study_url = storage
+        self.trial_numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number
+        self.completed: set[str] = set()  # Tune trial ids already told to Optuna
+        self.study: Optional[optuna.Study] = None
+        self.storage: Optional[optuna.storages.BaseStorage] = None
+        self.open_trials: dict[int, optuna.trial.Trial] = {}  # Optuna trial number -> its live trial
+        if self.space:
+            self.open_study(create=True)
+
+    # Searcher's own `metric` and `mode` read fields it keeps privately; set_search_properties may set
+    # them after construction, so they are kept here instead.
+    @property
+    def metric(self) -> Optional[str]:
+        return self.target_metric
+
+    @property
+    def mode(self) -> Optional[str]:
+        return self.target_mode
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
+        """Tune's TuneConfig metric/mode and param space, used (as OptunaSearch does) only when the searcher
+        was made without a space of its own."""
+        if self.space:
+            return False
+        self.space = OptunaSearch.convert_search_space(config)
+        self.target_metric = metric or self.target_metric
+        self.target_mode = mode or self.target_mode
+        if self.target_metric is None and self.target_mode:  # only a mode: Tune's anonymous metric
+            self.target_metric = DEFAULT_METRIC
+        self.open_study(create=True)
+        return True
+
+    def open_study(self, create: bool) -> optuna.Study:
+        """Connect to the study: created (or loaded) by a new searcher; only loaded by a restored one, so
+        that a wrong place fails instead of starting an empty study there."""
+        self.storage = (optuna.storages.RDBStorage(self.study_url) if self.study_url
+                        else optuna.storages.InMemoryStorage())
+        if create:
+            self.study = optuna.create_study(
+                study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                pruner=optuna.pruners.NopPruner(), load_if_exists=True,
+                direction="minimize" if self.target_mode == "min" else "maximize")
+        else:
+            self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                           pruner=optuna.pruners.NopPruner())
+        self.open_trials = {}
+        return self.study
+
+    def connected(self) -> optuna.Study:
+        return self.study if self.study is not None else self.open_study(create=False)
+
+    def optuna_trial(self, trial_id: str) -> optuna.trial.Trial:
+        """The live Optuna trial of a Tune trial, opened from its number after a restore. Optuna offers a
+        trial by number only frozen: its storage's public lookup gives the id a live `Trial` is made from."""
+        number = self.trial_numbers[trial_id]
+        trial = self.open_trials.get(number)
+        if trial is None:
+            study = self.connected()
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            trial = optuna.trial.Trial(study, self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
+            self.open_trials[number] = trial
+        return trial
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if not self.space:
+            raise RuntimeError(f"{type(self).__name__} has no search space: pass `space`, or a param space "
+                               "to tune.Tuner()")
+        if not self.metric or not self.mode:
+            raise RuntimeError(f"{type(self).__name__} has no metric ({self.metric}) or mode ({self.mode}): pass "
+                               "them to it or to tune.TuneConfig()")
+        if trial_id not in self.trial_numbers:
+            trial = self.connected().ask(fixed_distributions=self.space)
+            self.trial_numbers[trial_id] = trial.number
+            self.open_trials[trial.number] = trial
+        return nested(self.optuna_trial(trial_id).params)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.completed:
+            log.warning("received a result for trial %s, which has already finished: %s", trial_id, result)
+            return
+        if self.metric not in result:  # a result that only says why the trial stopped carries no metric
+            return
+        self.optuna_trial(trial_id).report(result[self.metric], result[TRAINING_ITERATION])
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        """As Ray's OptunaSearch: COMPLETE with the last result's value, whatever budget it had; without a
+        value FAIL on error, else PRUNED (Optuna then takes the last intermediate value)."""
+        if trial_id in self.completed:
+            log.warning("received another completion of trial %s, which has already finished: %s", trial_id, result)
+            return
+        value = result.get(self.metric) if result else None
+        if value is not None:
+            self.close(trial_id, TrialState.COMPLETE, value)
+        else:
+            self.close(trial_id, TrialState.FAIL if error else TrialState.PRUNED)
+
+    def close(self, trial_id: str, state: TrialState, value: Optional[float] = None,
+              last: Optional[tuple[float, int]] = None) -> None:
+        """Tell Optuna the trial's end (after reporting `last` = (value, step) as its intermediate value)."""
+        number = self.trial_numbers[trial_id]
+        try:
+            if last is not None:
+                self.optuna_trial(trial_id).report(*last)
+            self.connected().tell(number, value, state=state)
+        except Exception as exc:  # e.g. a NaN value, or a trial that reported nothing: not worth failing for
+            log.warning("could not record trial %s as %s: %s", trial_id, state.name, exc)
+        self.completed.add(trial_id)
+        self.open_trials.pop(number, None)
+
+    # Tune pickles the searcher twice: whole, in tuner.pkl (unpickled by Tuner.restore), and by save(), in
+    # its searcher-state file (read by restore()). Both keep the study as its name and URL and the trials as
+    # numbers: the live objects would reconnect to the pickled URL, where the search was started, not where
+    # it is now. An in-memory study has no URL: it is kept whole.
     def __getstate__(self) -> dict:
-        return portable(self.__dict__)
+        state = dict(self.__dict__, open_trials={})
+        if self.study_url is not None:
+            state.update(study=None, storage=None)
+        return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(self.live(state))
+        if "trial_numbers" not in state:
+            raise ValueError("the saved Optuna searcher was written by an earlier rekd, whose format this one "
+                             "cannot read; start the search again")
+        self.__dict__.update(state)
+        if self.study_url is not None:
+            self.study_url = type(self).storage_url or self.study_url
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(portable(self.__dict__), f)
-
-    def live(self, state: dict) -> dict:
-        """A saved state with its Optuna study reconnected: at `storage_url` if set, else where it was saved."""
-        saved = state.get("_ot_study")
-        if not isinstance(saved, PortableStudy):
-            return state
-        url = type(self).storage_url or saved.url
-        storage = optuna.storages.RDBStorage(url)
-        study = optuna.load_study(study_name=saved.name, storage=storage, sampler=state["_sampler"])
-        trials = {tid: optuna.trial.Trial(study, trial_id) for tid, trial_id in state["_ot_trials"].items()}
-        return {**state, "_storage": storage, "_ot_study": study, "_ot_trials": trials}
+            pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(self.live(pickle.load(f)))
-        by_number = {t.number: t for t in self._ot_study.get_trials(deepcopy=False)}
-        known = {t.number for t in self._ot_trials.values()}
+            self.__setstate__(pickle.load(f))
+        study = self.connected()
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        known = set(self.trial_numbers.values())
         for trial in by_number.values():
             # Trials asked after the searcher's last snapshot died with the old driver: Tune never heard of them.
-            if trial.state == optuna.trial.TrialState.RUNNING and trial.number not in known:
-                self._ot_study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        for tune_id, ot_trial in list(self._ot_trials.items()):
-            frozen = by_number.get(ot_trial.number)
-            if tune_id in self._completed_trials or frozen is None or frozen.state != optuna.trial.TrialState.FAIL:
+            if trial.state == TrialState.RUNNING and trial.number not in known:
+                study.tell(trial.number, state=TrialState.FAIL)
+        for tune_id, number in list(self.trial_numbers.items()):
+            frozen = by_number.get(number)
+            if tune_id in self.completed or frozen is None or frozen.state != TrialState.FAIL:
                 continue
-            self._ot_study.enqueue_trial(frozen.params, user_attrs={CONTINUES_ATTR: frozen.number})
-            continued = self._ot_study.ask(fixed_distributions=frozen.distributions)
+            # Closed as FAIL by close_unfinished, and continued by Tune from its checkpoint.
+            study.enqueue_trial(frozen.params, user_attrs={CONTINUES_ATTR: frozen.number})
+            continued = study.ask(fixed_distributions=frozen.distributions)
             for step, value in sorted(frozen.intermediate_values.items()):
                 continued.report(value, step)
-            self._ot_trials[tune_id] = continued
+            self.trial_numbers[tune_id] = continued.number
+            self.open_trials[continued.number] = continued
 
 
 class PrunedAwareOptunaSearch(ResumableOptunaSearch):
-    """OptunaSearch that tells Optuna PRUNED, not COMPLETE, for a trial stopped before `max_epochs`."""
+    """Tells Optuna PRUNED, not COMPLETE, for a trial stopped before `max_epochs`, and FAIL for a trial that
+    stopped itself."""
 
     def __init__(self, *args, max_epochs: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_epochs = max_epochs
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.metric in result:  # a result that only says why the trial stopped carries no metric
-            super().on_trial_result(trial_id, result)
-
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if result and result.get(STOP_REASON):  # NaN loss or out of memory: a failed configuration
             return super().on_trial_complete(trial_id, None, error=True)
         epoch = (result or {}).get(EPOCH_KEY)
-        if error or epoch is None or epoch >= self.max_epochs or trial_id in self._completed_trials:
+        if error or epoch is None or epoch >= self.max_epochs or trial_id in self.completed:
             return super().on_trial_complete(trial_id, result, error)
         # Earlier epochs were reported by on_trial_result; the result ASHA stopped the trial on reaches
         # only this method, so it is reported here and becomes the pruned trial's value.
-        ot_trial = self._ot_trials[trial_id]
-        try:
-            value = result.get(self.metric)
-            if value is not None:
-                ot_trial.report(float(value), int(result.get(TRAINING_ITERATION, epoch)))
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        except Exception as exc:  # Optuna refuses e.g. a trial that reported nothing; not worth failing for
-            log.warning("could not record trial %s as pruned: %s", trial_id, exc)
-        self._completed_trials.add(trial_id)
+        value = result.get(self.metric)
+        last = None if value is None else (float(value), int(result.get(TRAINING_ITERATION, epoch)))
+        self.close(trial_id, TrialState.PRUNED, last=last)
 
 
-@dataclass(frozen=True)
-class PortableStudy:
-    name: str
-    url: str
-
-
-def portable(state: dict) -> dict:
-    """The searcher's state with its Optuna study as name and URL, and its trials as Optuna trial ids."""
-    study = state.get("_ot_study")
-    if study is None or not isinstance(state.get("_storage"), optuna.storages.RDBStorage):
-        return dict(state)
-    # Optuna's Trial keeps its storage id only in a private field (optuna 5.0).
-    return {**state, "_ot_study": PortableStudy(study.study_name, state["_storage"].url), "_storage": None,
-            "_ot_trials": {tid: trial._trial_id for tid, trial in state["_ot_trials"].items()}}
+def nested(params: dict) -> dict:
+    """A config from Optuna's flat params: a space converted from a nested Tune param space names its
+    params by path ("a/b"), as in Ray's OptunaSearch."""
+    config: dict = {}
+    for name, value in params.items():
+        *parents, leaf = name.split("/")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config
 
 
 def close_unfinished(storage_url: str, study_name: str) -> int:
     """Close the study's RUNNING trials as FAIL when the search stops without a driver to finish them; their
     numbers are kept in the study's user attr `rekd.interrupted_trials`. Returns how many were closed."""
     study = optuna.load_study(study_name=study_name, storage=storage_url)
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
     if running:
         earlier = study.user_attrs.get(INTERRUPTED_ATTR, [])
         study.set_user_attr(INTERRUPTED_ATTR, sorted({*earlier, *(t.number for t in running)}))
     return len(running)
 
 
-def make_searcher(study: Study, storage_url: str, study_name: str, stock: bool = False) -> OptunaSearch:
+def make_searcher(study: Study, storage_url: str, study_name: str, stock: bool = False) -> ResumableOptunaSearch:
     """The study's sampler over its params, persisted in an Optuna RDB storage (for plots and resume)."""
-    space = {p.name: distribution(p) for p in study.params}
-    storage = optuna.storages.RDBStorage(storage_url)
-    common = dict(space=space, metric=study.metric, mode=study.mode, sampler=make_sampler(study),
-                  study_name=study_name, storage=storage)
+    common = dict(space={p.name: distribution(p) for p in study.params}, metric=study.metric, mode=study.mode,
+                  sampler=make_sampler(study), study_name=study_name, storage=storage_url)
     if stock:
         return ResumableOptunaSearch(**common)
     return PrunedAwareOptunaSearch(max_epochs=study.epochs, **common)

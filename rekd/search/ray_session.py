@@ -2,7 +2,7 @@
 seconds, or else a private Ray on 127.0.0.1 that no other process can find or join.
 
 `ray.init()` with no address joins the cluster the last `ray start` recorded in `<ray temp>/ray_current_cluster`
-(ray 2.60: written by `ray start`, read by `ray._private.services.get_ray_address_from_environment`). With
+(ray 2.60: written by `ray start`, read by Ray's own address lookup, which is private). With
 that cluster alive a search would silently run on someone else's Ray; with it dead (a `ray start --block`
 killed by a signal leaves the record) `ray.init()` retried its GCS without end. So the private Ray is
 started with `address="local"`, which never reads the record, and `ray.init()` never writes one.
@@ -25,6 +25,7 @@ import atexit
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from typing import Optional
@@ -43,7 +44,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}  # a dashboard behind a proxy may lea
 ALLOWED = "host:port, ray://host:port, http(s)://host[:port] or auto"
 FIX = f"start that cluster, or unset {ENV} to run on a private Ray"
 
-MAX_TEMP_ROOT = 20  # characters of the temp root that Ray's socket paths leave room for
+MAX_TEMP_ROOT = 18  # characters of the temp root that Ray's socket paths leave room for
+RAY_TEMP_NAME = "ray"  # the folder Ray makes its temp folder under $RAY_TMPDIR (ray 2.60)
+ADDRESS_FILE = "ray_current_cluster"  # where, in that folder, `ray start` records its cluster
 _private_dir: Optional[str] = None  # the 0700 folder holding the private Ray's temp folder, while it runs
 _cleanup_registered = False
 TEMP_VARIABLES = ("RAY_TMPDIR", "TMPDIR")  # pointed at the private folder while the private Ray runs
@@ -173,15 +176,32 @@ def scheme_of(address: str) -> str:
 def recorded_cluster() -> str:
     """What `auto` means to rekd: the address the last `ray start` on this machine recorded (not Ray's
     fallback to any GCS process running here, see the module's docstring)."""
-    from ray._common.utils import get_ray_address_file
-    from ray._private.utils import read_ray_address
-
-    recorded = read_ray_address()
+    path = ray_address_file()
+    try:
+        with open(path) as f:
+            recorded = f.read().strip()
+    except FileNotFoundError:
+        recorded = ""
     if not recorded:
         raise UsageError(f"{ENV}=auto: no `ray start` cluster is recorded on this machine "
-                         f"({get_ray_address_file(None)}); start one, set {ENV} to its host:port, "
+                         f"({path}); start one, set {ENV} to its host:port, "
                          f"or unset {ENV} to run on a private Ray")
     return recorded
+
+
+def ray_address_file() -> str:
+    """The file the last `ray start` on this machine wrote its address to. Ray reads it only through private
+    helpers (ray 2.60), so its place is found here the way they find it: `ray/ray_current_cluster` in
+    $RAY_TMPDIR, else (Linux) $TMPDIR, else /tmp."""
+    if "RAY_TMPDIR" in os.environ:
+        root = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        root = os.environ["TMPDIR"]
+    elif sys.platform.startswith(("linux", "darwin")):
+        root = "/tmp"
+    else:
+        root = tempfile.gettempdir()
+    return os.path.join(root, RAY_TEMP_NAME, ADDRESS_FILE)
 
 
 def unreachable(host: str, port: int) -> str:
@@ -216,10 +236,11 @@ def start_private_ray(worker_output: bool = True) -> None:
 
     if _private_dir is not None:  # the folder of an earlier private Ray ended by a bare ray.shutdown()
         remove_folder(_private_dir)
-    _private_dir, temp_dir = private_temp_folder()
+    _private_dir, _ = private_temp_folder()
     # Ray's Tune and Train keep lock files in `<RAY_TMPDIR or TMPDIR>/_ray_lockfiles` and never remove them,
     # and a trial killed mid-epoch cannot remove its temp files: in the private folder they go with it. Ray's
     # processes inherit both from here, the trials included (this process has chosen its temp folder already).
+    # Ray makes its own temp folder (sockets, logs, session) in RAY_TMPDIR too: `<private folder>/ray`.
     for key in TEMP_VARIABLES:
         _saved_env.setdefault(key, os.environ.get(key))
         os.environ[key] = _private_dir
@@ -230,23 +251,25 @@ def start_private_ray(worker_output: bool = True) -> None:
         _cleanup_registered = True
     try:
         # address="local": never the cluster recorded in ray_current_cluster, never RAY_ADDRESS.
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=worker_output,
-                 _temp_dir=temp_dir)
+        # `_node_ip_address` binds the private Ray to loopback, so no other machine or process can find or join
+        # it. ray.init has no public parameter for it (ray 2.60: `ray start --node-ip-address` is the public
+        # form, for a cluster started apart); this call is the one allowed in tests/test_public_apis.py.
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=worker_output)
     except BaseException:
         stop_ray()
         raise
 
 
 def private_temp_folder() -> tuple[str, str]:
-    """(a new 0700 folder, the temp folder for Ray inside it). Ray makes its temp folders mode 0777
-    (ray._common.utils.try_to_create_directory): inside a 0700 folder no other user reaches its sockets,
-    logs or job files. Ray's unix socket paths (<temp>/session_<time>_<pid>/sockets/plasma_store) must stay
-    under 108 bytes, which leaves ~20 for the temp root: a longer $TMPDIR gives way to /tmp."""
+    """(a new 0700 folder, the temp folder for Ray inside it: where Ray puts it with RAY_TMPDIR set to the
+    first). Ray makes its temp folders mode 0777 (ray 2.60): inside a 0700 folder no other user reaches its
+    sockets, logs or job files. Ray's unix socket paths (<temp>/session_<time>_<pid>/sockets/plasma_store)
+    must stay under 108 bytes, which leaves ~18 for the temp root: a longer $TMPDIR gives way to /tmp."""
     root = tempfile.gettempdir()
     if len(root) > MAX_TEMP_ROOT and os.access("/tmp", os.W_OK | os.X_OK):
         root = "/tmp"
     parent = tempfile.mkdtemp(prefix="rekd-ray-", dir=root)
-    return parent, os.path.join(parent, "r")
+    return parent, os.path.join(parent, RAY_TEMP_NAME)
 
 
 def remove_folder(path: str, attempts: int = 10) -> None:

@@ -29,7 +29,7 @@ BATCH_LIMITS = (1000, 100, 100)  # metrics, params, tags: the most MLflow takes 
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "rekd.role"  # search | trial | final | final_run | reproduce | reproduce_run
-SEARCH_TAG = "rekd.search.plan"  # the search's name, on the parent and on every child
+SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
 OUTCOME_TAG = "rekd.outcome"
 INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
 TRIAL_TAG = "rekd.trial_id"  # on a trial's run: how a resumed driver finds it again
