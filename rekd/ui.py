@@ -35,7 +35,7 @@ from rekd.tracking.store import STORE_FILE, check_tracking_uri, hold, sqlite_pat
 PROG = "python -m rekd.ui"
 DEFAULT_FOLDER = "rekd-results"
 ALLOWED_STORES = f"a results folder holding {STORE_FILE}, or sqlite:////ABSOLUTE/PATH/mlflow.db"
-# rekd.tracking.tune_callback.ROLE_TAG, on every run rekd makes; not imported, as that module loads MLflow and Ray (seconds).
+# rekd.tracking.runs.ROLE_TAG, on every run rekd makes; not imported, as that module loads MLflow (seconds).
 ROLE_TAG = "rekd.role"
 STOP_TIMEOUT_S = 15.0  # past this the server's group gets SIGKILL
 

@@ -225,7 +225,7 @@ def test_a_subclass_may_keep_private_fields_of_its_own_but_not_touch_its_ray_bas
 def test_public_lookalikes_and_rekds_own_private_names_pass():
     source = textwrap.dedent("""
         from ray.tune.search import Searcher
-        from rekd.tracking.store import RunWriter
+        from rekd.tracking.writer import RunWriter
 
         class Own:
             def _helper(self):
