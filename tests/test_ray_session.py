@@ -349,12 +349,20 @@ def test_ctrl_c_while_the_service_starts_leaves_nothing_and_its_ray_folder_was_p
                             env=isolated_env(short_tmp), cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        ray_log = state_dir / "ray.log"
-        while proc.poll() is None and time.monotonic() < deadline and not (
-                ray_log.is_file() and "Ray runtime started" in ray_log.read_text(errors="replace")):
-            time.sleep(0.05)  # the signal must land while the service still waits for Ray and MLflow to answer
+        state_file = state_dir / "service.json"
+
+        def ray_folder_made() -> bool:
+            # The signal must land while the service still waits for Ray and MLflow: once both servers are
+            # launched (service.json) and Ray has made its folder, well before either answers.
+            try:
+                return Path(json.loads(state_file.read_text())["ray_temp_dir"]).is_dir()
+            except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or half written
+                return False
+
+        while proc.poll() is None and time.monotonic() < deadline and not ray_folder_made():
+            time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()[1]
-        state = json.loads((state_dir / "service.json").read_text())
+        state = json.loads(state_file.read_text())
         parent = Path(state["ray_temp_parent"])
         assert parent.parent == short_tmp and stat.S_IMODE(parent.stat().st_mode) == 0o700
         assert Path(state["ray_temp_dir"]).parent == parent and Path(state["ray_temp_dir"]).is_dir()
