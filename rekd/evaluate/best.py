@@ -17,6 +17,7 @@ from rekd.cli import Parser, python_command, run
 from rekd.config import FIELD_TYPES, TrainConfig, parse_value
 from rekd.errors import UsageError
 from rekd.search.ranking import RULE, rank_key
+from rekd.tracking import outcomes
 
 PROG = "python -m rekd.best"
 
@@ -65,7 +66,7 @@ def best_trials(client, experiment_id: str, parent, top: int, include_stopped: b
     metric, mode = parent.data.params.get("metric", "val_acc"), parent.data.params.get("mode", "max")
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   max_results=10000)
-    allowed = {"completed", "stopped_early"} if include_stopped else {"completed"}
+    allowed = {outcomes.COMPLETED, outcomes.STOPPED_EARLY} if include_stopped else {outcomes.COMPLETED}
     scored = [r for r in children if r.data.tags.get("rekd.outcome") in allowed and metric in r.data.metrics]
     scored.sort(key=lambda r: rank_key(r.data.tags["rekd.outcome"], r.data.metrics[metric],
                                        r.data.tags.get("rekd.trial_id", r.info.run_id), mode))
@@ -84,21 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    import os
-
     from rekd.tracking.runs import client_for, first_line
     from rekd.search.state import default_store_uri
-    from rekd.tracking.store import RESULTS_FOLDER, check_tracking_uri, sqlite_path
+    from rekd.tracking.store import RESULTS_FOLDER, check_tracking_uri, pick_tracking_uri, sqlite_path
 
     args = build_parser().parse_args(argv)
     if args.top < 1:
         raise UsageError(f"--top {args.top} is not allowed; allowed: an integer >= 1")
-    if args.tracking_uri is not None:
-        uri, source = args.tracking_uri, "--tracking-uri"
-    elif os.environ.get("MLFLOW_TRACKING_URI"):
-        uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
-    else:
-        uri, source = default_store_uri(Path(RESULTS_FOLDER)), "the default store (no --tracking-uri or MLFLOW_TRACKING_URI)"
+    uri, source = pick_tracking_uri([(args.tracking_uri, "--tracking-uri")], (
+        default_store_uri(Path(RESULTS_FOLDER)), "the default store (no --tracking-uri or MLFLOW_TRACKING_URI)"))
     store = sqlite_path(uri)
     if store is not None and not store.exists():
         # MLflow would create an empty store there; a typo must not leave a new database behind.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +24,7 @@ from rekd.errors import UsageError
 from rekd.stats import mean_std, paired
 from rekd.snn.teachers import cpu_weights, store_teacher
 from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
-from rekd.tracking.store import check_tracking_uri, open_store
+from rekd.tracking.store import check_tracking_uri, open_store, pick_tracking_uri
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, RunWriter, warn_unlogged
 from rekd.train.loop import resolve, train
 from rekd.tracking.links import ui_hint
@@ -124,13 +123,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 def tracking_uri_of(args, document: dict) -> tuple[str, str]:
     """(the store, where it came from): --tracking-uri, else the best file's, else $MLFLOW_TRACKING_URI."""
-    if args.tracking_uri is not None:
-        return args.tracking_uri, "--tracking-uri"
-    if document.get("tracking_uri"):
-        return str(document["tracking_uri"]), f"{args.best}: tracking_uri"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
-    raise UsageError("no tracking store: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+    return pick_tracking_uri([(args.tracking_uri, "--tracking-uri"),
+                              (document.get("tracking_uri") or None, f"{args.best}: tracking_uri")])
 
 
 def final_run(key: str) -> tuple[str, dict[str, str]]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 
-FULL_BUDGET = "completed"
+from rekd.tracking import outcomes
+
+FULL_BUDGET = outcomes.COMPLETED
 MODES = ("max", "min")
 RULE = "full-budget trials first, then the metric at the last epoch (best first), then the smaller trial id"
 

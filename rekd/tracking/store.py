@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -36,16 +36,25 @@ QUIET_WAIT_S = 2.0
 LOCK_WAIT_S = 300.0
 
 
+def pick_tracking_uri(choices: Sequence[tuple[Optional[str], str]],
+                      default: Optional[tuple[str, str]] = None) -> tuple[str, str]:
+    """Which store a command uses, and where that came from: the first given of `choices` ((value, source),
+    flags first), else $MLFLOW_TRACKING_URI, else `default`; with no default, one line that says how to
+    name one. Every command picks its store by this one rule."""
+    for uri, source in [*choices, (os.environ.get(ENV_VAR) or None, ENV_VAR)]:
+        if uri is not None:
+            return str(uri), source
+    if default is None:
+        raise UsageError(f"no tracking store: pass --tracking-uri URI or set {ENV_VAR}")
+    return default
+
+
 def resolve_tracking_uri(flag: Optional[str], default_folder: Path, flag_name: str = "--tracking-uri") -> str:
     """The flag, else $MLFLOW_TRACKING_URI, else a SQLite store in `default_folder` (the results folder the
     command creates itself); checked, so a bad value is one line before anything is written."""
     default_folder = Path(default_folder).expanduser().resolve()
-    if flag is not None:
-        uri, source = flag, flag_name
-    elif os.environ.get(ENV_VAR):
-        uri, source = os.environ[ENV_VAR], ENV_VAR
-    else:
-        uri, source = f"{SQLITE_PREFIX}{default_folder / STORE_FILE}", "the default tracking URI"
+    uri, source = pick_tracking_uri([(flag, flag_name)],
+                                    (f"{SQLITE_PREFIX}{default_folder / STORE_FILE}", "the default tracking URI"))
     return check_tracking_uri(uri, source, creatable=default_folder)
 
 
