@@ -2,6 +2,7 @@
 Tune experiment state is refused in one line before Tune starts; a finished search is not resumed; a
 moved results folder resumes where it is now (--storage-path wins); a truncated checkpoint fails its
 trial with a message that names the stored file."""
+import json
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,12 @@ def spoil_state_corrupt(folder: Path) -> None:
     (folder / "rekd-search.json").write_text('{"argv": ["default_kd"')
 
 
+def spoil_state_of_an_earlier_rekd(folder: Path) -> None:
+    state = json.loads((folder / "rekd-search.json").read_text())
+    del state["format"]  # as written before the package layout moved the pickled searcher and tracker
+    (folder / "rekd-search.json").write_text(json.dumps(state))
+
+
 def spoil_tune_state_missing(folder: Path) -> None:
     for path in folder.glob("experiment_state-*.json"):
         path.unlink()
@@ -66,6 +73,7 @@ def spoil_tune_state_missing(folder: Path) -> None:
     (spoil_optuna_missing, "its Optuna study"),
     (spoil_optuna_corrupt, "is unreadable"),
     (spoil_state_corrupt, "rekd-search.json is corrupt"),
+    (spoil_state_of_an_earlier_rekd, "started by an earlier rekd (search state format 1; this rekd reads 2)"),
     (spoil_tune_state_missing, "Tune's experiment state is missing"),
 ])
 def test_a_resume_with_a_broken_record_is_refused_in_one_line(interrupted, tmp_path, capsys, spoil, message):

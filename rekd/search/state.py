@@ -20,6 +20,7 @@ from rekd.locks import FileLock, Held
 from rekd.tracking.runs import first_line
 
 STATE_FILE = "rekd-search.json"
+STATE_FORMAT = 2  # 2: the searcher and tracker of rekd.search and rekd.tracking (the package layout)
 LOCK_FILE = ".rekd-driver.lock"
 OPTUNA_FILE = "optuna.db"
 DEFAULT_STORE = "default"  # the state file's tracking URI when the search used <local-path>/mlflow.db
@@ -65,7 +66,7 @@ def write_state(folder: Path, argv: list[str], parent_run_id: str, experiment_id
     """What --resume needs. Paths are not stored: the folder may have moved, and the store with it."""
     folder.mkdir(parents=True, exist_ok=True)  # claimed already by the command line; not by callers of run_search
     (folder / STATE_FILE).write_text(json.dumps(
-        {"argv": argv, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
+        {"format": STATE_FORMAT, "argv": argv, "parent_run_id": parent_run_id, "experiment_id": experiment_id,
          "tracking_uri": DEFAULT_STORE if default_store else tracking_uri}, indent=2))
 
 
@@ -81,6 +82,12 @@ def read_state(folder: Path, name: str) -> dict:
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {name}: {path} is corrupt ({str(e).splitlines()[0][:120]}); "
                          "the search cannot be resumed") from None
+    if state.get("format") != STATE_FORMAT:
+        # Tune keeps the searcher and the MLflow callback pickled under their module paths, which moved in
+        # format 2 (rekd.search, rekd.tracking): an older search's Tune state cannot be read back.
+        raise UsageError(f"--resume {name}: the search was started by an earlier rekd (search state format "
+                         f"{state.get('format', 1)}; this rekd reads {STATE_FORMAT}): the search cannot be resumed; "
+                         "start it again (what it recorded stays in MLflow and its folder)")
     return state
 
 
