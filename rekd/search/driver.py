@@ -248,6 +248,10 @@ class Search:
         interruption.tune_running = True
         results = tuner.fit()
         interruption.tune_running = False
+        if interruption.aborted:
+            # The second signal's KeyboardInterrupt can land in code that swallows it (Python prints
+            # "Exception ignored in ...") and Tune then returns as after the first: the user asked to abort.
+            raise KeyboardInterrupt
         return results
 
     def finish(self, results, interruption: Interruption) -> int:
@@ -268,8 +272,10 @@ class Search:
         sys.stdout.flush()
         tracker.raise_if_crashed()
         if interrupted:
-            print(f"{PROG_NAME}: search {plan.name} interrupted ({interruption.name}); continue it with\n"
-                  f"  {resume_command(plan)}", file=sys.stderr)
+            # A second signal while this ran may have been swallowed on its way (see fit): it still counts.
+            how = f"aborted ({interruption.name} twice)" if interruption.aborted else f"interrupted ({interruption.name})"
+            print(f"{PROG_NAME}: search {plan.name} {how}; continue it with\n  {resume_command(plan)}",
+                  file=sys.stderr)
             return interruption.exit_status
         if summary.best is None:
             print(f"{PROG_NAME}: no trial produced a result; see the outcomes above and in MLflow", file=sys.stderr)
