@@ -345,8 +345,11 @@ def test_a_service_that_does_not_answer_in_time_leaves_no_folder_state_or_proces
 @pytest.mark.slow
 def test_ctrl_c_while_the_service_starts_leaves_nothing_and_its_ray_folder_was_private(short_tmp, tmp_path):
     state_dir = tmp_path / "service"
+    # As from a terminal: Ctrl-C at its default. A suite started in the background (`make test &`, nohup)
+    # ignores SIGINT, and children inherit that; Python then never turns SIGINT into KeyboardInterrupt.
     proc = subprocess.Popen(service_start(state_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=isolated_env(short_tmp), cwd=ROOT, start_new_session=True)
+                            env=isolated_env(short_tmp), cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         state_file = state_dir / "service.json"
