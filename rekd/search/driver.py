@@ -29,13 +29,13 @@ from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished,
 from rekd.search.asha import ResumableASHA
 from rekd.tracking.runs import INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line
 from rekd.tracking.tune_callback import MlflowTrialTracker
-from rekd.tracking.writer import describe_unsent
+from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, describe_unsent, unsent_reason, warn_refused
 from rekd.search.unsent import keep_unsent
 from rekd.tracking.store import open_store
 
 
-UNSENT_GRACE_S = 120  # how long the end of a search waits for an unreachable tracking server
-INTERRUPTED_GRACE_S = 20  # the same after an interruption: the user (or `ray job stop`) is waiting
+# How long the end of a search waits for an unreachable tracking server: rekd.tracking.writer's GRACE_S, its
+# FAILED_GRACE_S after an interruption (the user, or `ray job stop`, is waiting), and this after an abort.
 ABORT_GRACE_S = 5  # after a second signal: the user wants out
 
 
@@ -264,11 +264,11 @@ class Search:
         summary = summarize(plan, results, self.optuna_url, self.experiment_dir, interrupted=set(stopped))
         summary.log_to(tracker, final=not interrupted)
         tracker.end_parent("KILLED" if interrupted else "FINISHED")
-        unsent = tracker.close(timeout=INTERRUPTED_GRACE_S if interrupted else UNSENT_GRACE_S)
+        unsent = tracker.close(timeout=FAILED_GRACE_S if interrupted else GRACE_S)
         self.release_ray()
         summary.print(plan, self.experiment_id, self.parent_id)
         report_unsent(unsent, self.experiment_dir, tracker)
-        report_refused(tracker)
+        warn_refused(tracker)
         sys.stdout.flush()
         tracker.raise_if_crashed()
         if interrupted:
@@ -334,13 +334,6 @@ def resume_command(plan: SearchPlan) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def report_refused(tracker: MlflowTrialTracker) -> None:
-    if tracker.refused:
-        op, error = tracker.refused[0]
-        print(f"warning: MLflow refused {len(tracker.refused)} logging calls, which were dropped "
-              f"(the first: {op[0]} -> {error})", file=sys.stderr)
-
-
 def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, results) -> None:
     """Runs of trials that started after the dead driver's last experiment snapshot: Tune does not know
     them after a resume (their work is lost and their slot re-run), so they are closed and tagged."""
@@ -357,6 +350,5 @@ def report_unsent(unsent: list, experiment_dir, tracker: MlflowTrialTracker) -> 
     """Say clearly what never reached MLflow; it is kept next to the results with what sending it later needs."""
     if not unsent:
         return
-    why = "rekd's MLflow writer failed (the error follows)" if tracker.crashed else "the MLflow store stayed unreachable"
-    print(f"warning: {why}; {len(unsent)} logging calls were not made "
+    print(f"warning: {unsent_reason(tracker)}; {len(unsent)} logging calls were not made "
           f"({describe_unsent(unsent)}); {keep_unsent(unsent, experiment_dir, tracker)}", file=sys.stderr)

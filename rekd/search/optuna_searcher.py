@@ -198,10 +198,7 @@ class ResumableOptunaSearch(Searcher):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        if "trial_numbers" not in state:
-            raise ValueError("the saved Optuna searcher was written by an earlier rekd, whose format this one "
-                             "cannot read; start the search again")
-        self.__dict__.update(state)
+        self.__dict__.update(state)  # an earlier rekd's searcher never gets here (rekd.search.state.STATE_FORMAT)
         if self.study_url is not None:
             self.study_url = type(self).storage_url or self.study_url
 

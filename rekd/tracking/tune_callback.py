@@ -55,7 +55,7 @@ class MlflowTrialTracker(Callback, RunWriter):
 
     def get_state(self) -> dict:  # saved by Tune with its experiment state, given back on restore
         with self._wake:
-            return {"runs": dict(self.runs), "unfinished": sorted(self.unfinished), "pending": list(self._queue),
+            return {"runs": dict(self.runs), "unfinished": sorted(self.unfinished), "pending": self.pending(),
                     "nodes": {k: list(v) for k, v in self.nodes.items()}}
 
     def set_state(self, state: dict) -> None:
@@ -70,13 +70,6 @@ class MlflowTrialTracker(Callback, RunWriter):
         RunWriter._init_runtime(self)
         self._placed: dict[str, dict] = {}  # trial id -> the placement tags last sent
         _ACTIVE.add(self)
-
-    def __setstate__(self, state: dict) -> None:
-        # A tracker pickled by an earlier rekd (a search resumed after an upgrade) lacks what came since.
-        state.setdefault("nodes", {})
-        state.setdefault("child_run", functools.partial(trial_run, state["search_name"]))
-        state.setdefault("key_tag", TRIAL_TAG)
-        RunWriter.__setstate__(self, state)
 
     # -- Tune's callbacks: queue only ------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:

@@ -320,18 +320,27 @@ def describe_unsent(ops: list) -> str:
     return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
 
 
+def unsent_reason(writer: RunWriter) -> str:
+    """Why calls stayed unsent after close(): the writer's own failure, or the store's outage."""
+    return "rekd's MLflow writer failed (the error follows)" if writer.crashed else "the MLflow store stayed unreachable"
+
+
+def warn_refused(writer: RunWriter) -> None:
+    """One warning line on stderr for the calls the store refused for good (dropped, never retried)."""
+    if writer.refused:
+        op, error = writer.refused[0]
+        print(f"warning: MLflow refused {len(writer.refused)} logging calls, which were dropped "
+              f"(the first: {op[0]} -> {error})", file=sys.stderr, flush=True)
+
+
 def warn_unlogged(writer: RunWriter, unsent: list, results: Optional[str] = None) -> None:
     """After close(): one warning line on stderr for what never reached MLflow, and one for what it refused.
     For a command that keeps no file of unsent calls (rekd.search.unsent replays a search's trial runs, not
     other children): the warning names the files its results are in all the same (`results`, when it
     wrote them)."""
     if unsent:
-        why = ("rekd's MLflow writer failed (the error follows)" if writer.crashed
-               else f"the MLflow store stayed unreachable ({writer.last_error})")
+        why = unsent_reason(writer) + ("" if writer.crashed else f" ({writer.last_error})")
         kept = f"; the results are in {results}" if results else ""
         print(f"warning: {why}; {len(unsent)} logging calls were not made ({describe_unsent(unsent)}), "
               f"so MLflow lacks them{kept}", file=sys.stderr, flush=True)
-    if writer.refused:
-        op, error = writer.refused[0]
-        print(f"warning: MLflow refused {len(writer.refused)} logging calls, which were dropped "
-              f"(the first: {op[0]} -> {error})", file=sys.stderr, flush=True)
+    warn_refused(writer)
