@@ -26,7 +26,7 @@ from rekd.evaluate.reproduce_plan import ReproducePlan, RunSpec
 from rekd.evaluate.tables import Row, csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.snn.teachers import cpu_weights
-from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
+from rekd.tracking.runs import ROLE_TAG, create_parent_run, flat_params, numeric_metrics
 from rekd.tracking.store import open_store
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, ChildRun, RunWriter, warn_unlogged
 from rekd.train.loop import train
@@ -167,7 +167,7 @@ def parent_params(plan: ReproducePlan) -> list[Param]:
         **plan.kd_settings, **{f"source.{k}": v for k, v in plan.kd_sources.items()},
         **{f"config.{k}": v for k, v in plan.base.to_dict().items() if k not in varied},
     }
-    return [Param(k, "none" if v is None else str(v)) for k, v in sorted(values.items())]
+    return flat_params(values)
 
 
 def run_name(plan: ReproducePlan, spec: RunSpec) -> str:

@@ -27,7 +27,8 @@ from rekd.search.storage_watch import StorageWatch, storage_error
 from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
 from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished, make_searcher
 from rekd.search.asha import ResumableASHA
-from rekd.tracking.runs import INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line
+from rekd.tracking.runs import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line,
+                                flat_params)
 from rekd.tracking.tune_callback import MlflowTrialTracker
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, describe_unsent, unsent_reason, warn_refused
 from rekd.search.unsent import keep_unsent
@@ -58,7 +59,7 @@ def parent_params(plan: SearchPlan) -> list[Param]:
         **{f"fixed.{k}": v for k, v in plan.base.to_dict().items() if k not in {p.name for p in s.params}},
         **describe_space(plan),
     }
-    return [Param(k, "none" if v is None else str(v)) for k, v in sorted(values.items())]
+    return flat_params(values)
 
 
 def trial_name(trial) -> str:
