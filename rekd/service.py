@@ -115,7 +115,7 @@ def read_state(state_dir: Path) -> Optional[dict]:
 
 
 def client_env(state: dict) -> dict[str, str]:
-    """What clients (ray job submit, rekd.search.plan, rekd.evaluate.best) need to reach and authenticate to the service."""
+    """What clients (ray job submit, rekd.search, rekd.best) need to reach and authenticate to the service."""
     return {
         "RAY_ADDRESS": f"http://{HOST}:{state['dashboard_port']}",
         "RAY_AUTH_MODE": "token",

@@ -1,7 +1,7 @@
 """`python -m rekd.best EXPERIMENT --top K --out best.yaml`: the best trials of a search, read back from MLflow.
 
 Takes the newest search in the experiment (or `--search NAME`), ranks its trials that ran the full budget
-by the search's metric, and writes their complete settings to a YAML file that rekd.evaluate.final takes.
+by the search's metric, and writes their complete settings to a YAML file that rekd.final takes.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ PROG = "python -m rekd.best"
 
 
 def build_parser() -> Parser:
-    p = Parser(prog=PROG, description="Write the top configurations of a search to a YAML file for rekd.evaluate.final.")
+    p = Parser(prog=PROG, description="Write the top configurations of a search to a YAML file for rekd.final.")
     p.add_argument("experiment", help="the MLflow experiment of the search (rekd-<study> by default)")
     p.add_argument("--top", type=int, default=3, help="how many configurations (default 3)")
     p.add_argument("--out", default="best.yaml", help="the YAML file to write (default best.yaml)")

@@ -35,7 +35,7 @@ CHILD_ROLE = "final_run"
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Train the best configs and the baseline under the same seeds; score on test.")
-    p.add_argument("best", help="the YAML file written by rekd.evaluate.best")
+    p.add_argument("best", help="the YAML file written by rekd.best")
     p.add_argument("--seeds", type=int, default=3, help="seeds per config (default 3)")
     p.add_argument("--epochs", type=int, help="epochs of every run (default: the search's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one in the best file)")
@@ -48,7 +48,7 @@ def load_configs(path: str, epochs: Optional[int]) -> tuple[dict, list[TrainConf
     document = read_settings_file(path)
     configs = document.get("configs")
     if not isinstance(configs, list) or not configs:
-        raise UsageError(f"{path}: configs: expected a non-empty list, as rekd.evaluate.best writes it")
+        raise UsageError(f"{path}: configs: expected a non-empty list, as rekd.best writes it")
     out = []
     for i, entry in enumerate(configs):
         if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict):

@@ -149,7 +149,7 @@ def kd_settings(study: Study, top: Optional[TrainConfig], best: Optional[str], f
 
 
 def best_config(path: str, mode: str) -> TrainConfig:
-    """The top config of a rekd.evaluate.best file, which must come from a search of this table's mode."""
+    """The top config of a rekd.best file, which must come from a search of this table's mode."""
     from rekd.evaluate.final import load_configs
 
     _, configs = load_configs(path, None)

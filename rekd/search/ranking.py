@@ -1,5 +1,5 @@
 """The one rule that orders a search's trials, used wherever rekd says which trial is best: the search's
-summary and its `rekd.best_trial` tag, `rekd.evaluate.best`, and through its file `rekd.evaluate.final` and `rekd.evaluate.reproduce`.
+summary and its `rekd.best_trial` tag, `rekd.best`, and through its file `rekd.final` and `rekd.reproduce`.
 
 1. Trials that ran the full budget come before those early stopping ended (their metric is from a shorter
    budget, so the two do not compare).

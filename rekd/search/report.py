@@ -71,7 +71,7 @@ class Summary:
         now = int(time.time() * 1000)
         tracker.log_parent(metrics=[Metric(k, v, now, 0) for k, v in self.metrics().items()], params=params, tags=tags)
         # Each trial's place by rekd's ranking (1 = best), so that MLflow's runs table, sorted by it, shows the
-        # order rekd.evaluate.best uses: sorted by the metric, it would break ties its own way.
+        # order rekd.best uses: sorted by the metric, it would break ties its own way.
         for place, row in enumerate(sorted(self.rows, key=sort_key(self.mode)), start=1):
             tracker.log_trial(row.trial_id, metrics=[Metric(RANK_METRIC, float(place), now, 0)])
         for path in self.artifacts:
@@ -111,7 +111,7 @@ class Summary:
 
 
 def best_command(plan) -> str:
-    """The rekd.evaluate.best command for this search, runnable as printed from any folder: this interpreter, and
+    """The rekd.best command for this search, runnable as printed from any folder: this interpreter, and
     the store named (the default one is relative to the current folder; MLFLOW_TRACKING_URI may differ)."""
     return shlex.join([python_command(), "-m", "rekd.best", plan.experiment, "--top", "3", "--out", "best.yaml",
                        "--tracking-uri", plan.tracking_uri])
