@@ -77,6 +77,34 @@ def test_uris_and_folders_are_told_apart_and_joined():
     assert trial_storage.join("/a/b/", "n", "t") == "/a/b/n/t"
 
 
+def test_a_restored_trial_whose_named_checkpoint_is_gone_continues_from_its_newest_later_one(tmp_path):
+    fs, _ = trial_storage.filesystem(str(tmp_path))
+    trial = tmp_path / "trial_1"
+    for name, with_file in (("checkpoint_000001", True), ("checkpoint_000004", True),
+                            ("checkpoint_000005", False), ("checkpoint_000003", True)):
+        (trial / name).mkdir(parents=True)
+        if with_file:
+            (trial / name / "last.pt").write_bytes(b"x")
+    (trial / "result.json").write_text("{}")
+    named = str(trial / "checkpoint_000001")
+    assert trial_storage.checkpoint_candidates(named, fs, "last.pt") == [named]  # there: only it
+    gone = str(trial / "checkpoint_000002")  # deleted by Tune, its successors on disk; an empty one skipped
+    assert trial_storage.checkpoint_candidates(gone, fs, "last.pt") == [
+        str(trial / "checkpoint_000004"), str(trial / "checkpoint_000003")]
+    assert trial_storage.checkpoint_candidates(str(trial / "checkpoint_000006"), fs, "last.pt") == []
+    assert trial_storage.checkpoint_candidates(str(tmp_path / "nowhere" / "checkpoint_000001"), fs, "last.pt") == []
+
+
+def test_checkpoint_candidates_read_an_object_store(s3):
+    for key in ("cands/trial_1/checkpoint_000002/last.pt", "cands/trial_1/checkpoint_000003/last.pt"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    fs, path = trial_storage.filesystem(f"s3://{BUCKET}/cands/trial_1")
+    assert trial_storage.checkpoint_candidates(f"{path}/checkpoint_000001", fs, "last.pt") == [
+        f"{path}/checkpoint_000003", f"{path}/checkpoint_000002"]
+    assert trial_storage.checkpoint_candidates(f"{path}/checkpoint_000002", fs, "last.pt") == [
+        f"{path}/checkpoint_000002"]
+
+
 def test_an_unreachable_bucket_is_refused_in_one_line_before_anything_is_written(s3, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rekd.search", "baseline", "--smoke-test",
                            "--storage-path", "s3://no-such-bucket/x", "--local-path", str(tmp_path / "local")],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,8 @@ from typing import Optional
 import torch
 from ray import tune
 
-from rekd.train.checkpoint import FILENAME
+from rekd.search import trial_storage
+from rekd.train.checkpoint import FILENAME, load_checkpoint
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits
 from rekd.errors import UsageError
@@ -50,6 +52,35 @@ def storage_uri(checkpoint: tune.Checkpoint) -> str:
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
+def restore_checkpoint(checkpoint: tune.Checkpoint, run_dir: Path) -> str:
+    """Copy the checkpoint a restored trial continues from into run_dir; returns where it came from.
+
+    Normally the one Tune names. If that folder is gone (a driver killed between Tune deleting a superseded
+    checkpoint and snapshotting its successor: rekd.search.trial_storage.checkpoint_candidates), the
+    trial's newest readable later checkpoint, and it says so. None at all: the trial fails, as before.
+    """
+    candidates = trial_storage.checkpoint_candidates(checkpoint.path, checkpoint.filesystem, FILENAME)
+    if not candidates:
+        raise FileNotFoundError(f"{storage_uri(checkpoint)}/{FILENAME}: the trial's checkpoint is gone and no "
+                                "later one of the trial is in its folder")
+    for path in candidates:
+        candidate = tune.Checkpoint(path, filesystem=checkpoint.filesystem)
+        with candidate.as_directory() as restored:
+            shutil.copy(Path(restored) / FILENAME, run_dir / FILENAME)
+        where = f"{storage_uri(candidate)}/{FILENAME}"
+        if path == checkpoint.path:
+            return where
+        try:  # a later checkpoint may be a half-written upload of the killed run
+            load_checkpoint(run_dir / FILENAME)
+        except UsageError:
+            continue
+        print(f"rekd: {storage_uri(checkpoint)} is gone (Tune removed it before its saved state named the next "
+              f"checkpoint); the trial continues from {where}", file=sys.stderr, flush=True)
+        return where
+    raise FileNotFoundError(f"{storage_uri(checkpoint)}/{FILENAME}: the trial's checkpoint is gone and no later "
+                            "one of the trial is readable")
+
+
 def unusable_gpu(gpu_ids: str, device_setting: str) -> str:
     """Why the GPU Ray gave this trial cannot be used by torch ("" when it can, or none was given, or the
     trial was told to use the CPU): a node whose driver is missing or too old for torch's CUDA."""
@@ -70,11 +101,8 @@ def run_trial(config: dict, data: Optional[DataSplits] = None, teacher_weights: 
     # `finally` below, leaves it there for Ray to clean up, not in the system's temp folder.
     run_dir = Path(tempfile.mkdtemp(prefix="rekd-trial-", dir=os.getcwd()))
     try:
-        checkpoint, restored_from = tune.get_checkpoint(), ""
-        if checkpoint is not None:
-            with checkpoint.as_directory() as restored:
-                shutil.copy(Path(restored) / FILENAME, run_dir / FILENAME)
-            restored_from = f"{storage_uri(checkpoint)}/{FILENAME}"
+        checkpoint = tune.get_checkpoint()
+        restored_from = restore_checkpoint(checkpoint, run_dir) if checkpoint is not None else ""
 
         last: dict = {}
         where = placement(cfg.device)

@@ -86,3 +86,23 @@ def check_reachable(location: str) -> None:
         raise UsageError(f"--storage-path {location} cannot be written: {first[:300]}; check the URI and the "
                          "storage credentials (AWS_* variables for s3://) on this machine and every Ray node") \
             from None
+
+
+def checkpoint_candidates(path: str, fs, filename: str) -> list[str]:
+    """Where a restored trial can continue from, best first: the checkpoint folder Tune's experiment state
+    names, if its `filename` is there; otherwise the trial's newer checkpoint folders, newest first.
+
+    Tune deletes a trial's superseded checkpoint as soon as it registers the next one, and only names the
+    new one in its next experiment snapshot; a driver killed in between leaves a snapshot that points at a
+    deleted folder while its successor is on disk. The successor is the same trial further on.
+    """
+    import pyarrow.fs
+
+    registered = f"{path.rstrip('/')}/{filename}"
+    if fs.get_file_info(registered).type == pyarrow.fs.FileType.File:
+        return [path]
+    trial_folder, _, name = path.rstrip("/").rpartition("/")
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_folder, allow_not_found=True))
+    newer = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name > name), reverse=True)
+    return [p for p in newer if fs.get_file_info(f"{p}/{filename}").type == pyarrow.fs.FileType.File]
