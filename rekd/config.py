@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
 SURROGATES = ("atan", "sigmoid")
 COMPILE = ("auto", "true", "false")
+STRUCTURES = ("dense", "gmp", "rewire")  # how a student's conv connections are learned (rekd.snn.structure)
+REGROWTH = ("gradient", "random")
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 # Usual slopes for each surrogate (spikingjelly's defaults).
 DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}
@@ -55,6 +57,17 @@ class TrainConfig:
     temperature: float = 4.0  # softening temperature T of Eq. 4
     alpha: float = 0.5  # weight of the distillation term (Eq. 5, 7)
     confidence: float = 0.95  # default_kd: the virtual teacher's probability on the true class (Eq. 6)
+    # Sparse students (rekd.snn.structure): dense | gmp (gradual magnitude pruning from dense to target_sparsity
+    # on a cubic ramp) | rewire (target_sparsity from the start, connections dropped and regrown while learning).
+    structure: str = "dense"
+    target_sparsity: float = 0.0  # gmp, rewire: share of the student's conv weights that are zero
+    sparsity_start_epoch: int = 0  # gmp: the ramp from dense starts here; rewire: rewiring starts here
+    sparsity_end_epoch: Optional[int] = None  # gmp: target reached; rewire: topology fixed from here; None = 3/4 of epochs
+    prune_every: int = 20  # optimizer steps between mask updates
+    regrow: str = "gradient"  # rewire: regrow where |gradient| is largest (RigL) | at random (SET)
+    rewire_fraction: float = 0.3  # rewire: share of live weights dropped and regrown per update, cosine-decayed to 0
+    generations: int = 1  # sparse_kd: each generation's student, pruned at prune_ratio, teaches the next
+    inherit_mask: bool = False  # generations: a new student starts from its teacher's mask instead of its own
     teacher_epochs: Optional[int] = None  # epochs of the baseline that becomes the teacher; None = epochs
     seed: int = 0  # seeds weights, shuffling, augmentation and the validation split
     val_fraction: float = 0.1  # share of the training split held out for validation
@@ -79,6 +92,21 @@ class TrainConfig:
                 raise UsageError(f"{name}={value!r} is not allowed; allowed: {allowed}")
         if self.v_reset is not None and self.v_reset >= self.v_threshold:
             raise UsageError(f"v_reset={self.v_reset} must be below v_threshold={self.v_threshold}")
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        if self.structure == "dense" and self.target_sparsity > 0:
+            raise UsageError(f"target_sparsity={self.target_sparsity} needs structure=gmp or structure=rewire "
+                             "(structure=dense trains every connection)")
+        if self.sparsity_start_epoch >= self.epochs:
+            raise UsageError(f"sparsity_start_epoch={self.sparsity_start_epoch} must be below epochs={self.epochs}")
+        end = self.sparsity_end_epoch
+        if end is not None and not self.sparsity_start_epoch < end <= self.epochs:
+            raise UsageError(f"sparsity_end_epoch={end} is not allowed; allowed: after sparsity_start_epoch="
+                             f"{self.sparsity_start_epoch} and at most epochs={self.epochs}")
+        if self.generations > 1 and self.mode != "sparse_kd":
+            raise UsageError(f"generations={self.generations} needs mode=sparse_kd (each generation's student, "
+                             f"pruned at prune_ratio, teaches the next); this run is mode={self.mode}")
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -112,10 +140,22 @@ class TrainConfig:
             lr=self.lr if self.lr is not None else DEFAULT_LR[self.optimizer],
             surrogate_alpha=self.surrogate_alpha or DEFAULT_SURROGATE_ALPHA[self.surrogate],
             teacher_epochs=self.teacher_epochs or self.epochs,
+            sparsity_end_epoch=self.sparsity_end_epoch or default_sparsity_end(self.sparsity_start_epoch, self.epochs),
         )
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run: every generation's (a trial's budget, the last epoch number reported)."""
+        return self.epochs * self.generations
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_sparsity_end(start: int, epochs: int) -> int:
+    """The structure is fixed for the last quarter of the run (Zhu & Gupta's and RigL's practice): the
+    weights fine-tune on their final connections."""
+    return min(epochs, max(start + 1, round(0.75 * epochs)))
 
 
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
@@ -137,6 +177,14 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "v_threshold": (lambda v: v > 0, "a number > 0"),
     "prune_ratio": (lambda v: 0 <= v < 1, "0 <= prune_ratio < 1"),
     "temperature": (lambda v: v > 0, "a number > 0"),
+    "structure": (lambda v: v in STRUCTURES, " | ".join(STRUCTURES)),
+    "target_sparsity": (lambda v: 0 <= v < 1, "0 <= target_sparsity < 1"),
+    "sparsity_start_epoch": (lambda v: v >= 0, "an integer >= 0"),
+    "sparsity_end_epoch": (lambda v: v >= 1, "an integer >= 1"),
+    "prune_every": (lambda v: v >= 1, "an integer >= 1 (optimizer steps)"),
+    "regrow": (lambda v: v in REGROWTH, " | ".join(REGROWTH)),
+    "rewire_fraction": (lambda v: 0 < v < 1, "0 < rewire_fraction < 1"),
+    "generations": (lambda v: 1 <= v <= 100, "an integer 1..100"),
     "alpha": (lambda v: 0 <= v <= 1, "0 <= alpha <= 1"),
     "confidence": (lambda v: 0 < v < 1, "1/num_classes < confidence < 1"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer 0..2**32-1"),

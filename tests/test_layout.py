@@ -21,7 +21,7 @@ LAYERS = [
     {"rekd.evaluate"},
     # Commands over everything: the benchmarks, the local service and UI, and the one-line command modules
     # that keep `python -m rekd.best` and the like where they were.
-    {"rekd.bench", "rekd.service", "rekd.ui", "rekd.best", "rekd.final", "rekd.reproduce", "rekd.unsent",
+    {"rekd.bench", "rekd.service", "rekd.ui", "rekd.best", "rekd.export", "rekd.final", "rekd.reproduce", "rekd.unsent",
      "rekd.bench_gpu"},
 ]
 

@@ -64,7 +64,8 @@ class Study:
 
     @property
     def epochs(self) -> int:
-        return self.base_config().epochs
+        """A trial's full budget (ASHA's max_t): its epochs in all its generations."""
+        return self.base_config().total_epochs
 
     def base_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.fixed, source=str(self.path))
@@ -165,8 +166,10 @@ def check_consistency(study: Study, fail=None) -> None:
         raise fail("fixed", str(e).removeprefix("fixed: ")) from None
     if study.num_samples < 1:
         raise fail("num_samples", f"{study.num_samples} is not allowed; allowed: an integer >= 1")
-    if study.grace_period > base.epochs:
-        raise fail("asha.grace_period", f"{study.grace_period} exceeds epochs={base.epochs}; allowed: 1..epochs")
+    if study.grace_period > base.total_epochs:
+        raise fail("asha.grace_period", f"{study.grace_period} exceeds epochs={base.total_epochs}; allowed: 1..epochs")
+    if any(p.name == "generations" for p in study.params):
+        raise fail("params.generations", "cannot be searched: it sets every trial's epoch budget; fix it in fixed")
     if study.gpus > 1 and study.gpus != int(study.gpus):
         raise fail("resources.gpu", f"{study.gpus} is not allowed; allowed: a fraction <= 1 or a whole number")
     clash = sorted(p.name for p in study.params if p.name in study.fixed)

@@ -5,7 +5,8 @@
 - The virtual teacher (default-KD, Eq. 6) is a distribution, not a network: rekd.snn.losses.virtual_teacher.
 
 A trained baseline is cached under <cache_dir>/teachers/ by a key over every setting that determines
-it, so distillation runs and searches find it instead of training it again.
+it, so distillation runs and searches find it instead of training it again. A run of several generations
+(rekd.train.loop) also keeps each generation's student there, `...-gen<g>.pt`, keyed by all its settings.
 """
 from __future__ import annotations
 
@@ -27,13 +28,19 @@ from rekd.storage import load_tensors, save_atomic
 
 # Settings that do not change which network a baseline run produces.
 NOT_DETERMINING = ("mode", "cache_dir", "download", "epochs", "eval_test", "device", "amp", "channels_last",
-                   "compile", "prune_ratio", "temperature", "alpha", "confidence", "data_root")
+                   "compile", "prune_ratio", "temperature", "alpha", "confidence", "data_root",
+                   # the teacher is a dense baseline whatever its students learn
+                   "structure", "target_sparsity", "sparsity_start_epoch", "sparsity_end_epoch", "prune_every",
+                   "regrow", "rewire_fraction", "generations", "inherit_mask")
+# Of a whole run's settings, those that do not change the students it produces.
+NOT_STUDENT = ("cache_dir", "download", "eval_test", "device", "amp", "channels_last", "compile", "data_root")
 EXTERNAL_DATA = ("cifar100", "dvsgesture")  # datasets read from data_root: their location is part of the key
 
 
 def baseline_config(cfg: TrainConfig) -> TrainConfig:
     """The config of the baseline run that becomes this run's teacher (a resolved cfg goes in)."""
-    return dataclasses.replace(cfg, mode="baseline", epochs=cfg.teacher_epochs or cfg.epochs, eval_test=False)
+    return dataclasses.replace(cfg, mode="baseline", epochs=cfg.teacher_epochs or cfg.epochs, eval_test=False,
+                               structure="dense", target_sparsity=0.0, generations=1, inherit_mask=False)
 
 
 def teacher_key(cfg: TrainConfig) -> str:
@@ -63,6 +70,18 @@ def cpu_weights(model: nn.Module) -> dict:
 def store_teacher(cfg: TrainConfig, weights: dict, val_acc: float) -> Path:
     entry = {"weights": weights, "config": baseline_config(cfg).to_dict(), "val_acc": float(val_acc)}
     return save_atomic(entry, teacher_path(cfg))
+
+
+def generation_path(cfg: TrainConfig, generation: int) -> Path:
+    """Where a multi-generation run keeps generation g's student: keyed by every setting of the run."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in NOT_STUDENT}
+    key = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.cache_dir) / "teachers" / f"{cfg.dataset}-{cfg.arch}-{key}-gen{generation}.pt"
+
+
+def store_generation(cfg: TrainConfig, generation: int, weights: dict, val_acc: float) -> Path:
+    entry = {"weights": weights, "config": cfg.to_dict(), "generation": generation, "val_acc": float(val_acc)}
+    return save_atomic(entry, generation_path(cfg, generation))
 
 
 class PrunedTeacher(nn.Module):

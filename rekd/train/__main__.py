@@ -26,7 +26,7 @@ from rekd.train.loop import NonFiniteLoss, ensure_teacher, resolve, select_devic
 
 PROG = "python -m rekd.train"
 LINE_KEYS = ("train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "test_acc", "teacher_val_acc",
-             "firing_rate", "sops", "energy_uj", "epoch_time_s", "samples_per_s")
+             "density", "firing_rate", "sops", "energy_uj", "epoch_time_s", "samples_per_s")
 FLAG_FIELDS = ("dataset", "arch", "epochs", "data_root", "seed", "device", "cache_dir")
 
 
@@ -89,13 +89,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if not args.resume:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (run_dir / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
-    print(f"{cfg.mode} on {cfg.dataset} with {cfg.arch}: T={cfg.timesteps}, {cfg.epochs} epochs, seed {cfg.seed} "
-          f"-> {run_dir}", flush=True)
+    student = "" if cfg.structure == "dense" else f", {cfg.structure} student at sparsity {cfg.target_sparsity:g}"
+    generations = f" x {cfg.generations} generations" if cfg.generations > 1 else ""
+    print(f"{cfg.mode} on {cfg.dataset} with {cfg.arch}: T={cfg.timesteps}, {cfg.epochs} epochs{generations}{student}, "
+          f"seed {cfg.seed} -> {run_dir}", flush=True)
 
     def on_epoch(metrics: dict) -> None:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        print_epoch("", metrics, cfg.epochs)
+        print_epoch(f"[generation {metrics['generation']}] " if cfg.generations > 1 else "", metrics, cfg.total_epochs)
 
     try:
         result = train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=on_epoch, run_dir=run_dir,
@@ -107,7 +109,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
         raise UsageError(f"batch_size={cfg.batch_size} (T={cfg.timesteps}, {cfg.arch}) does not fit the GPU: "
                          f"{first[:160]}; lower batch_size (--set batch_size=N)") from None
-    if cfg.mode == "baseline":  # a finished baseline is the teacher sparse_kd runs of this config look for
+    if cfg.mode == "baseline" and cfg.structure == "dense":  # the teacher sparse_kd runs of this config look for
         as_teacher = dataclasses.replace(cfg, teacher_epochs=cfg.epochs)
         if load_cached_teacher(as_teacher) is None:
             print(f"cached as the sparse_kd teacher for this config: "

@@ -1,10 +1,12 @@
-"""Per-epoch checkpoints a run resumes from: weights, optimizer, scheduler, epoch, RNG states, config.
+"""Per-epoch checkpoints a run resumes from: weights, optimizer, scheduler, epoch, RNG states, config, and for
+sparse students the masks and schedule position, for a later generation the weights of its teacher.
 
 Saved atomically with torch.save and read back with weights_only=True (rekd.storage): tensors and plain
 values only. A checkpoint of another architecture or dataset is refused with one clear line.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -19,17 +21,21 @@ from rekd.storage import load_tensors, load_weights, save_atomic
 FORMAT = "rekd-checkpoint-1"
 FILENAME = "last.pt"
 # Settings that change the shape of the weights: a checkpoint must agree on all of them.
-SHAPE_KEYS = ("arch", "dataset", "downsample")
+SHAPE_KEYS = ("arch", "dataset", "downsample", "structure", "generations")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def save_checkpoint(
     run_dir: Path, cfg: TrainConfig, epoch: int, model: nn.Module, optimization: Optimization,
-    generator: torch.Generator, history: list[dict],
+    generator: torch.Generator, history: list[dict], *, generation: int = 1, teacher: Optional[dict] = None,
 ) -> Path:
+    """`epoch` counts the run's epochs completed over all generations; `teacher` is the weights a later
+    generation's teacher was pruned from (its predecessor student), so a resumed generation needs nothing else."""
     state = {
         "format": FORMAT,
         "config": cfg.to_dict(),
         "epoch": epoch,  # epochs completed
+        "generation": generation,
         "model": model.state_dict(),
         "optimization": optimization.state_dict(),
         "rng": {
@@ -39,22 +45,33 @@ def save_checkpoint(
         },
         "history": history,
     }
+    if optimization.structure is not None:  # a sparse student's masks and the position in its schedule
+        state["structure"] = optimization.structure.state_dict()
+    if teacher is not None:
+        state["teacher"] = teacher
     return save_atomic(state, run_dir / FILENAME)
 
 
-def resume(run_dir: Optional[Path], cfg: TrainConfig, model: nn.Module, optimization: Optimization,
-           generator: torch.Generator) -> tuple[list[dict], int]:
-    """Restore a run from run_dir's checkpoint if there is one: (history so far, epochs completed)."""
+def read_checkpoint(run_dir: Optional[Path], cfg: TrainConfig) -> Optional[dict]:
+    """run_dir's checkpoint, checked against cfg, or None when there is none."""
     if run_dir is None or not (Path(run_dir) / FILENAME).is_file():
-        return [], 0
-    state = load_checkpoint(Path(run_dir) / FILENAME, cfg)
-    load_weights(model, state["model"], f"checkpoint {run_dir}")
+        return None
+    return load_checkpoint(Path(run_dir) / FILENAME, cfg)
+
+
+def restore(state: dict, model: nn.Module, optimization: Optimization, generator: torch.Generator) -> None:
+    """Put a run back where its checkpoint left it: weights, optimizer, masks and every random stream."""
+    load_weights(model, state["model"], "checkpoint")
     optimization.load_state_dict(state["optimization"])
+    if optimization.structure is not None:
+        if "structure" not in state:
+            raise UsageError("the checkpoint is of a dense student; this run trains a sparse one (structure="
+                             f"{optimization.structure.cfg.structure})")
+        optimization.structure.load_state_dict(state["structure"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     generator.set_state(state["rng"]["data"])
-    return list(state["history"]), int(state["epoch"])
 
 
 def load_checkpoint(path: Path, cfg: Optional[TrainConfig] = None) -> dict:
@@ -64,7 +81,7 @@ def load_checkpoint(path: Path, cfg: Optional[TrainConfig] = None) -> dict:
         raise UsageError(f"checkpoint {str(path)!r} is not a rekd checkpoint (format {FORMAT})")
     if cfg is not None:
         for key in SHAPE_KEYS:
-            theirs = state["config"].get(key)
+            theirs = state["config"].get(key, DEFAULTS[key])  # a setting newer than the checkpoint: its default
             if theirs != getattr(cfg, key):
                 raise UsageError(
                     f"checkpoint {str(path)!r} was made with {key}={theirs!r}; this run needs {key}={getattr(cfg, key)!r}"

@@ -17,17 +17,18 @@ from typing import Callable, Optional
 
 import torch
 
-from rekd.train.checkpoint import resume, save_checkpoint
+from rekd.train.checkpoint import read_checkpoint, restore, save_checkpoint
 from rekd.config import TrainConfig
 from rekd.datasets import DataSplits, Split, batches, dataset_spec, load_dataset
 from rekd.snn.energy import SpikeMonitor
 from rekd.errors import UsageError
 from rekd.snn.losses import cross_entropy_loss, default_kd_loss, sparse_kd_loss
 from rekd.snn.models import ARCHS, SpikingNet, build_model
+from rekd.snn.structure import Structure, connection_counts
 from rekd.train.optim import Optimization, for_device
 from rekd.registry import lookup
-from rekd.snn.teachers import (PrunedTeacher, baseline_config, cpu_weights, load_cached_teacher, store_teacher,
-                           teacher_path)
+from rekd.snn.teachers import (PrunedTeacher, baseline_config, cpu_weights, load_cached_teacher, store_generation,
+                               store_teacher, teacher_path)
 
 OnEpoch = Callable[[dict], None]
 
@@ -137,6 +138,11 @@ def train_step(model: Forward, teacher: Optional[Forward], objective, optimizati
     return torch.stack([loss.detach() * n, parts["ce"] * n, parts["kd"] * n, (logits.argmax(-1) == y).sum().float()])
 
 
+def generation_seed(seed: int, generation: int) -> int:
+    """Generation 1 draws from the run's seed; each later one from its own stream (not a replay of the first)."""
+    return seed + (generation - 1) * 2**32
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -146,11 +152,46 @@ def train(
     run_dir: Optional[Path] = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Train one SNN as `cfg` says; report a flat metrics dict per epoch; checkpoint into run_dir."""
+    """Train one SNN as `cfg` says, every generation in turn; report a flat metrics dict per epoch (its
+    `epoch` counts across generations, `generation` says which); checkpoint into run_dir, resume from it.
+
+    Generation 1's teacher is the given (or cached) baseline, pruned at prune_ratio; generation g's is
+    generation g-1's student, pruned at prune_ratio (rekd.snn.teachers.PrunedTeacher either way).
+    """
     device = select_device(cfg.device)
     cfg = for_device(resolve(cfg), device)  # compile and amp here, where the device is known
-    torch.manual_seed(cfg.seed)
     data = (data if data is not None else load_dataset(cfg)).to(device)
+    saved = read_checkpoint(run_dir, cfg)
+    history = list(saved["history"]) if saved else []
+    done = int(saved["epoch"]) if saved else 0  # epochs completed, all generations
+    resumed, inherited, first = None, None, 1
+    if saved is not None and (done % cfg.epochs or done == cfg.total_epochs):  # inside a generation (or done)
+        first, resumed = (done - 1) // cfg.epochs + 1, saved
+        teacher_weights = saved["teacher"] if first > 1 else teacher_weights
+    elif saved is not None:  # saved at the end of a generation: the next starts, taught by the student saved
+        first = done // cfg.epochs + 1
+        teacher_weights, inherited = saved["model"], saved.get("structure", {}).get("masks")
+    model = None
+    for generation in range(first, cfg.generations + 1):
+        model, structure = train_generation(
+            cfg, generation, data, device, teacher_weights, history, resumed=resumed,
+            inherited=inherited if cfg.inherit_mask else None, on_epoch=on_epoch, run_dir=run_dir, progress=progress)
+        teacher_weights = cpu_weights(model)
+        inherited = structure.state_dict()["masks"] if structure is not None else None
+        resumed = None
+        if cfg.generations > 1:  # each generation's student, for whoever wants to teach with it again
+            store_generation(cfg, generation, teacher_weights, history[-1]["val_acc"])
+    return TrainResult(cfg, model, history)
+
+
+def train_generation(cfg: TrainConfig, generation: int, data: DataSplits, device: torch.device,
+                     teacher_weights: Optional[dict], history: list[dict], *, resumed: Optional[dict],
+                     inherited: Optional[dict], on_epoch: Optional[OnEpoch], run_dir: Optional[Path],
+                     progress: bool):
+    """One generation: a fresh student (weights, optimizer, masks) taught by its teacher for cfg.epochs, or
+    continued from `resumed`, a checkpoint taken inside it. Appends to `history`; returns (model, structure)."""
+    seed = generation_seed(cfg.seed, generation)
+    torch.manual_seed(seed)
     layout = torch.channels_last if cfg.channels_last else torch.preserve_format
     model = build_model(cfg, data.in_channels, data.num_classes, data.resolution).to(device, memory_format=layout)
     teacher = make_teacher(cfg, data, teacher_weights)
@@ -164,8 +205,14 @@ def train(
     objective = lookup(OBJECTIVES, cfg.mode, "mode")
     steps_per_epoch = max(len(data.train) // cfg.batch_size, 1)
     optimization = Optimization(cfg, model, cfg.epochs * steps_per_epoch, device)
-    generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation
-    history, start_epoch = resume(run_dir, cfg, model, optimization, generator)
+    if cfg.structure != "dense":
+        optimization.structure = Structure(cfg, model, steps_per_epoch, seed, inherited)
+    generator = torch.Generator().manual_seed(seed)  # shuffling and augmentation
+    start_epoch = 0
+    if resumed is not None:
+        restore(resumed, model, optimization, generator)
+        start_epoch = int(resumed["epoch"]) - (generation - 1) * cfg.epochs
+    offset = (generation - 1) * cfg.epochs  # epochs of the generations before
     # Without augmentation the frozen teacher sees the same input for a sample in every epoch: its logits
     # are computed once, and a distillation step costs a gather instead of a teacher forward pass.
     cached_logits = (teacher_outputs(teacher, data, data.train, cfg, optimization)
@@ -184,7 +231,8 @@ def train(
         steps = batches(data.train, cfg.batch_size, generator, drop_last=True, with_index=True)
         if progress:
             from tqdm import tqdm
-            steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {offset + epoch + 1}/{cfg.total_epochs}",
+                         leave=False)
         for x, y, idx in steps:
             inputs = data.to_input(x, cfg.timesteps, generator)  # (T, N, C, H, W)
             given = cached_logits[idx] if cached_logits is not None else None
@@ -206,12 +254,13 @@ def train(
         loss_sum, ce_sum, kd_sum, correct = sums.tolist()
 
         val_acc, spike_stats = evaluate(model, data, data.val, cfg, stats=True)
+        masks = optimization.structure.masks if optimization.structure is not None else None
         metrics = {
-            "epoch": epoch + 1,
+            "epoch": offset + epoch + 1, "generation": generation,
             "train_loss": loss_sum / seen, "train_ce": ce_sum / seen, "train_kd": kd_sum / seen,
             "train_acc": correct / seen, "val_acc": val_acc, "lr": optimization.lr,
             "epoch_time_s": train_time, "samples_per_s": timed / train_time if timed else float("nan"),
-            **teacher_info, **compile_info, **spike_stats,
+            **connection_counts(model, masks), **teacher_info, **compile_info, **spike_stats,
         }
         if cfg.eval_test:
             metrics["test_acc"] = evaluate(model, data, data.test, cfg)[0]
@@ -223,13 +272,14 @@ def train(
         if not finite:
             metrics["diverged"] = 1.0  # the callback learns it before the NonFiniteLoss below
         if finite and run_dir is not None:  # never overwrite the last good checkpoint with a diverged one
-            save_checkpoint(Path(run_dir), cfg, epoch + 1, model, optimization, generator, history)
+            save_checkpoint(Path(run_dir), cfg, offset + epoch + 1, model, optimization, generator, history,
+                            generation=generation, teacher=teacher_weights if generation > 1 else None)
         if on_epoch is not None:
             on_epoch(metrics)
         if not finite:
-            raise NonFiniteLoss(f"training diverged in epoch {epoch + 1}: non-finite loss or weights "
+            raise NonFiniteLoss(f"training diverged in epoch {offset + epoch + 1}: non-finite loss or weights "
                                 f"(train_loss={metrics['train_loss']:.4g})")
-    return TrainResult(cfg, model, history)
+    return model, optimization.structure
 
 
 def train_teacher(cfg: TrainConfig, data: Optional[DataSplits] = None, on_epoch: Optional[OnEpoch] = None,

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import AbstractContextManager
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from rekd.config import TrainConfig
+
+if TYPE_CHECKING:
+    from rekd.snn.structure import Structure
 
 
 # Architectures that stay eager on CPUs under compile auto: `python -m rekd.bench --only compile` (2-core CPU,
@@ -52,6 +55,8 @@ class Optimization:
         self.device_type = device.type
         self.use_amp = bool(for_device(cfg, device).amp)
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        # A sparse student's masks (rekd.snn.structure.Structure): updated and re-applied around every step.
+        self.structure: Optional["Structure"] = None
         self.scaler: Optional[torch.amp.GradScaler] = (
             torch.amp.GradScaler("cuda") if self.use_amp and self.amp_dtype == torch.float16 else None
         )
@@ -63,11 +68,17 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if self.structure is not None:
+                self.structure.before_step(self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if self.structure is not None:
+                self.structure.before_step(self.optimizer)
             self.optimizer.step()
+        if self.structure is not None:
+            self.structure.after_step()
         self.scheduler.step()
 
     @property
