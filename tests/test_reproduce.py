@@ -1,6 +1,7 @@
 """rekd.evaluate.reproduce: the seed statistics against hand-computed values, the table layouts, the plan, bad input
 (one line, exit 2, nothing written), and both tables end to end on digits with real Ray and MLflow."""
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from rekd.evaluate import structure_table
 from rekd.evaluate.reproduce import PAPER_RATIOS, build_parser, main, plan_from_args
 from rekd.evaluate.tables import Row, csv_text, markdown, rows_from, summary_metrics
 from rekd.stats import mean_std, paired, paired_ci
@@ -157,6 +159,44 @@ def test_distillation_settings_come_from_best_then_set(tmp_path):
     assert plan.notes and "tuned on digits/tiny" in plan.notes[0]
 
 
+def test_the_structure_plan_runs_each_sparse_student_beside_each_seeds_dense_baseline(tmp_path):
+    plan = plan_for(["structure", "--sparsities", "0.5,0.9"], tmp_path)
+    assert plan.ratios == (0.5,) and plan.seeds == (0, 1, 2)
+    names = [name for name, _ in plan.variants]
+    assert names == ["dense + KD", "gmp 0.5", "gmp 0.5 + KD", "gmp 0.9", "gmp 0.9 + KD", "rewire 0.5",
+                     "rewire 0.5 + KD", "rewire 0.9", "rewire 0.9 + KD", "gmp 0.9 + KD, 2 generations"]
+    runs = plan.runs()
+    assert len(runs) == 3 * (1 + len(names)) and [r.kind for r in runs[:3]] == ["baseline"] * 3
+    by_name = {r.variant: r.config for r in runs if r.seed == 1}
+    assert by_name["gmp 0.9"].mode == "baseline" and by_name["gmp 0.9"].target_sparsity == 0.9  # no teacher
+    assert by_name["rewire 0.5 + KD"].mode == "sparse_kd" and by_name["rewire 0.5 + KD"].prune_ratio == 0.5
+    assert by_name["gmp 0.9 + KD, 2 generations"].generations == 2 and by_name["dense + KD"].structure == "dense"
+    assert all(r.config.eval_test and r.config.seed == r.seed for r in runs)
+    assert len({r.key for r in runs}) == len(runs)
+
+
+def test_structure_rows_pair_each_student_with_the_dense_baseline_of_its_seed():
+    costs = {"density": 1.0, "connections": 100.0, "sops": 1000.0, "energy_uj": 1.0}
+    records = [{"kind": "baseline", "seed": s, "variant": "", "test_acc": 0.90 + s / 100, **costs} for s in (0, 1, 2)]
+    sparse = {"density": 0.2, "connections": 30.0, "sops": 300.0, "energy_uj": 0.4}
+    records += [{"kind": "kd", "seed": s, "variant": "gmp 0.8", "test_acc": 0.88 + s / 100 + (s == 2) / 100, **sparse}
+                for s in (2, 0, 1)]
+    rows = structure_table.rows(records, (0, 1, 2), [("gmp 0.8", {"mode": "baseline"})], 0.5)
+    assert [r.name for r in rows] == ["dense baseline", "gmp 0.8"]
+    n = rows[1].numbers()
+    # differences by seed: -2, -2, -1 points: mean -1.667, std 0.577, t(0.975, 2) = 4.303
+    assert n["delta_mean"] == pytest.approx(-5 / 3) and n["delta_std"] == pytest.approx(0.57735, abs=1e-4)
+    assert n["delta_ci_low"] == pytest.approx(-5 / 3 - 4.3027 * 0.57735 / 3 ** 0.5, abs=1e-3)
+    assert n["density"] == pytest.approx(0.2) and n["sops"] == pytest.approx(300.0)
+    assert "delta_mean" not in rows[0].numbers() and rows[1].teacher == "none"
+    table = structure_table.markdown(rows, "caption")
+    assert "| gmp 0.8 | none | 20.0 | 30 | 89.33 ± 1.53 | -1.67 ± 0.58 |" in table
+    metrics = structure_table.summary_metrics(rows)
+    assert metrics["gmp_0.8/delta_mean"] == pytest.approx(-5 / 300) and metrics["gmp_0.8/density"] == pytest.approx(0.2)
+    named = structure_table.summary_metrics([rows[0], dataclasses.replace(rows[1], name="gmp 0.8 + KD, 2 generations")])
+    assert "gmp_0.8_kd/2_generations/acc_mean" in named
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 closed_port = free_port  # nothing listens there once the socket is closed
 
@@ -172,6 +212,10 @@ BAD = [
     (["table1", "--ratios", "0,half"], "'half' is not allowed"),
     (["table1", "--ratios", "0.1,0.1"], "0.1 appears twice"),
     (["table2", "--ratios", "0.1"], "table2 has no teacher to prune"),
+    (["structure", "--ratios", "0.1,0.5"], "the structure table has one teacher; allowed: one ratio"),
+    (["structure", "--sparsities", "0.5,1"], "'1' is not allowed; allowed: comma-separated numbers 0 < s < 1"),
+    (["table1", "--sparsities", "0.5"], "table1 has no sparse students"),
+    (["structure", "--set", "generations=3"], "the protocol sets generations itself"),
     (["table1", "--set", "prune_ratio=0.2"], "the protocol sets prune_ratio itself"),
     (["table1", "--set", "colour=blue"], "expected key=value with key one of"),
     (["table2", "--set", "confidence=0.05"], "allowed: 1/10 < confidence < 1"),

@@ -18,15 +18,18 @@ from typing import Optional, Sequence
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
-from rekd.evaluate.reproduce_plan import KD_SETTINGS, ReproducePlan
+from rekd.evaluate.reproduce_plan import KD_SETTINGS, ReproducePlan, structure_variants
 from rekd.search.study import SMOKE_SUFFIX, Study, load_study, parse_assignment
 from rekd.train.loop import resolve
 
 PROG = "python -m rekd.reproduce"
-TABLES = {"table1": "sparse_kd", "table2": "default_kd"}  # table -> its study and distillation mode
+TABLES = {"table1": "sparse_kd", "table2": "default_kd", "structure": "sparse_kd"}  # -> study, distillation mode
 PAPER_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7)  # Table 1's teacher prune ratios
 # What the protocol sets for each run itself; fixing one with --set would change the experiment.
 PROTOCOL_KEYS = ("mode", "seed", "prune_ratio", "eval_test", "teacher_epochs", "epochs")
+STRUCTURE_KEYS = ("structure", "target_sparsity", "generations")  # the structure table's rows set these
+STRUCTURE_SPARSITIES = (0.5, 0.8, 0.9)
+STRUCTURE_RATIO = 0.5  # the structure table's teacher: each seed's baseline pruned at this ratio
 # A std from two seeds says little and a t interval with one degree of freedom is four times its standard
 # error wide: three seeds is the least a cell of these tables is shown with.
 MIN_SEEDS = 3
@@ -38,7 +41,8 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Reproduce the paper's Table 1 (sparse-KD) or Table 2 (default-KD) over "
                                       "seeds, with paired 95% confidence intervals, on the test split.")
     p.add_argument("table", choices=tuple(TABLES),
-                   help="table1: sparse-KD, one row per teacher prune ratio; table2: default-KD (virtual teacher)")
+                   help="table1: sparse-KD, one row per teacher prune ratio; table2: default-KD (virtual teacher); "
+                        "structure: sparse students (gmp, rewire, generations) against the dense baseline")
     p.add_argument("--dataset", help="digits (default) | ndigits | cifar100 | dvsgesture")
     p.add_argument("--arch", help="tiny (default) | resnet18 | wrn16_4 | vgg16")
     p.add_argument("--data-root", metavar="DIR", help="folder with cifar-100-python/ or DVSGesture/ (default ./data)")
@@ -49,6 +53,8 @@ def build_parser() -> Parser:
                    help="epochs of every run, baseline (= teacher) included (default: the study's, 8)")
     p.add_argument("--ratios", metavar="R,R,...",
                    help="table1's teacher prune ratios, each 0 <= r < 1 (default 0,0.1,0.3,0.5,0.7, the paper's)")
+    p.add_argument("--sparsities", metavar="S,S,...",
+                   help="structure: the students' target sparsities, each 0 < s < 1 (default 0.5,0.8,0.9)")
     p.add_argument("--best", metavar="FILE",
                    help="take temperature and alpha (table2: and confidence) from the top config of this "
                         "`python -m rekd.best` file (default: the study's, else TrainConfig's defaults)")
@@ -82,8 +88,17 @@ def plan_from_args(args) -> ReproducePlan:
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
     ratios = parse_ratios(args.ratios, args.table)
+    variants = ()
+    if args.table == "structure":
+        if len(ratios) != 1:
+            raise UsageError(f"--ratios {args.ratios}: the structure table has one teacher; allowed: one ratio")
+        variants = structure_variants(parse_numbers(args.sparsities, "--sparsities", STRUCTURE_SPARSITIES, low=0.0,
+                                                    open_low=True, example="0.5,0.8,0.9", symbol="s"))
+    elif args.sparsities is not None:
+        raise UsageError(f"--sparsities {args.sparsities}: {args.table} has no sparse students; allowed: "
+                         "--sparsities with structure only")
     fixed = dict(parse_assignment(item) for item in args.set)
-    protocol = sorted(set(fixed) & set(PROTOCOL_KEYS))
+    protocol = sorted(set(fixed) & set(PROTOCOL_KEYS + (STRUCTURE_KEYS if variants else ())))
     if protocol:
         raise UsageError(f"--set {protocol[0]}=...: the protocol sets {protocol[0]} itself; allowed: any other "
                          f"setting (use --epochs for the length)")
@@ -108,27 +123,37 @@ def plan_from_args(args) -> ReproducePlan:
     return ReproducePlan(args.table, base, tuple(range(n_seeds)), ratios, sources, out_dir, name,
                          tracking_uri, args.experiment or f"rekd-reproduce{SMOKE_SUFFIX if args.smoke_test else ''}",
                          study.cpus,
-                         study.gpus, args.best, notes, cpu_only=args.cpu_only)
+                         study.gpus, args.best, notes, cpu_only=args.cpu_only, variants=variants)
 
 
 def parse_ratios(text: Optional[str], table: str) -> tuple[float, ...]:
+    if table == "table2" and text is not None:
+        raise UsageError(f"--ratios {text}: {table} has no teacher to prune; allowed: --ratios with table1 or structure")
+    if table == "table2":
+        return ()
+    default = PAPER_RATIOS if table == "table1" else (STRUCTURE_RATIO,)
+    return parse_numbers(text, "--ratios", default, low=0.0, open_low=False, example="0,0.1,0.3,0.5,0.7")
+
+
+def parse_numbers(text: Optional[str], flag: str, default: tuple[float, ...], low: float, open_low: bool,
+                  example: str, symbol: str = "r") -> tuple[float, ...]:
+    """Distinct comma-separated numbers in [low, 1) (or (low, 1)); the default when the flag is not given."""
     if text is None:
-        return PAPER_RATIOS if table == "table1" else ()
-    if table != "table1":
-        raise UsageError(f"--ratios {text}: {table} has no teacher to prune; allowed: --ratios with table1 only")
-    ratios = []
+        return default
+    values = []
     for item in text.split(","):
         try:
-            ratio = float(item)
+            value = float(item)
         except ValueError:
-            ratio = None
-        if ratio is None or not 0 <= ratio < 1:
-            raise UsageError(f"--ratios {text}: {item.strip()!r} is not allowed; allowed: comma-separated numbers "
-                             "0 <= r < 1, e.g. 0,0.1,0.3,0.5,0.7")
-        if ratio in ratios:
-            raise UsageError(f"--ratios {text}: {ratio:g} appears twice; allowed: distinct ratios")
-        ratios.append(ratio)
-    return tuple(ratios)
+            value = None
+        if value is None or not (low < value < 1 if open_low else low <= value < 1):
+            bound = f"{low:g} {'<' if open_low else '<='} {symbol} < 1"
+            raise UsageError(f"{flag} {text}: {item.strip()!r} is not allowed; allowed: comma-separated numbers "
+                             f"{bound}, e.g. {example}")
+        if value in values:
+            raise UsageError(f"{flag} {text}: {value:g} appears twice; allowed: distinct values")
+        values.append(value)
+    return tuple(values)
 
 
 def kd_settings(study: Study, top: Optional[TrainConfig], best: Optional[str], fixed: dict) -> tuple[dict, dict]:

@@ -20,11 +20,32 @@ class RunSpec:
     seed: int
     prune_ratio: Optional[float]  # table1's KD runs; None otherwise
     config: TrainConfig  # resolved, eval_test on
+    variant: str = ""  # the structure table's row: a student's structure and teacher
 
     @property
     def label(self) -> str:
         where = f"seed {self.seed}" + ("" if self.prune_ratio is None else f" prune {self.prune_ratio:g}")
-        return f"{where}: {self.kind}"
+        return f"{where}: {self.variant or self.kind}"
+
+    @property
+    def key(self) -> tuple:
+        return self.kind, self.seed, self.prune_ratio, self.variant
+
+
+def structure_variants(sparsities: tuple[float, ...], generations: int = 2) -> tuple[tuple[str, dict], ...]:
+    """The structure table's students besides the dense baseline: the dense sparse-KD student; gmp and rewire at
+    each sparsity, without a teacher (cross-entropy only) and taught by the pruned teacher; and gmp at the
+    middle sparsity over `generations` generations, each taught by the one before."""
+    variants = [("dense + KD", {"mode": "sparse_kd"})]
+    for structure in ("gmp", "rewire"):
+        for sparsity in sparsities:
+            sparse = {"structure": structure, "target_sparsity": sparsity}
+            variants.append((f"{structure} {sparsity:g}", {"mode": "baseline", **sparse}))
+            variants.append((f"{structure} {sparsity:g} + KD", {"mode": "sparse_kd", **sparse}))
+    middle = sparsities[len(sparsities) // 2]
+    variants.append((f"gmp {middle:g} + KD, {generations} generations",
+                     {"mode": "sparse_kd", "structure": "gmp", "target_sparsity": middle, "generations": generations}))
+    return tuple(variants)
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,7 @@ class ReproducePlan:
     notes: tuple[str, ...] = ()  # said at the start, e.g. a best file tuned on other data
     verbose: bool = False  # libraries' logs and a private Ray's worker output on the console too
     cpu_only: bool = False  # tasks request no GPU, whatever the study asks
+    variants: tuple = ()  # the structure table's rows after the baseline: (name, settings) pairs
 
     @property
     def kd_settings(self) -> dict:
@@ -54,6 +76,13 @@ class ReproducePlan:
         """The baselines of all seeds (stage 1), then every KD student (stage 2)."""
         specs = [RunSpec("baseline", s, None, dataclasses.replace(self.base, mode="baseline", seed=s))
                  for s in self.seeds]
+        if self.variants:  # the structure table: every variant taught (if at all) by the one pruned teacher
+            ratio = self.ratios[0]
+            for seed in self.seeds:
+                for name, settings in self.variants:
+                    cfg = dataclasses.replace(self.base, seed=seed, prune_ratio=ratio, **settings)
+                    specs.append(RunSpec("kd", seed, ratio, cfg, name))
+            return specs
         for seed in self.seeds:
             for ratio in self.ratios or (None,):
                 cfg = dataclasses.replace(self.base, seed=seed, prune_ratio=ratio or 0.0)
@@ -64,5 +93,7 @@ class ReproducePlan:
         """What runs and with which distillation settings, said before and saved with the results."""
         settings = ", ".join(f"{k}={v:g} ({self.kd_sources[k]})" for k, v in self.kd_settings.items())
         ratios = f"teacher prune ratios {', '.join(f'{r:g}' for r in self.ratios)}; " if self.ratios else ""
+        if self.variants:
+            ratios = f"{len(self.variants) + 1} students (dense baseline first), teacher prune ratio {self.ratios[0]:g}; "
         return (f"{self.table} ({self.base.mode}) on {self.base.dataset}/{self.base.arch}: seeds "
                 f"{', '.join(map(str, self.seeds))}; {ratios}{self.base.epochs} epochs per run; {settings}")

@@ -23,7 +23,8 @@ from rekd.datasets import DataSplits
 from rekd.library_log import LibraryLog
 from rekd.provenance import provenance
 from rekd.evaluate.reproduce_plan import ReproducePlan, RunSpec
-from rekd.evaluate.tables import Row, csv_text, markdown, plot, rows_from, summary_metrics
+from rekd.evaluate import structure_table
+from rekd.evaluate.tables import csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.snn.teachers import cpu_weights
 from rekd.tracking.runs import ROLE_TAG, create_parent_run, flat_params, numeric_metrics
@@ -55,8 +56,10 @@ def kd_task(cfg: TrainConfig, data: DataSplits, teacher_weights: Optional[dict])
 
 
 def outcome(result, epoch_end_ms: list[int]) -> dict:
+    """The run's scores and what its student costs (density, live synapses, SOPs and energy per sample)."""
+    costs = {k: result.final[k] for k in structure_table.COSTS}
     return {"history": result.history, "epoch_end_ms": epoch_end_ms, "test_acc": result.final["test_acc"],
-            "val_acc": result.final["val_acc"]}
+            "val_acc": result.final["val_acc"], **costs}
 
 
 def now_ms() -> int:
@@ -74,9 +77,14 @@ def execute(plan: ReproducePlan, data: dict[int, DataSplits], library_log: Libra
     writer = RunWriter(plan.tracking_uri, experiment_id, parent_id, child_run=child_runs(plan))
     try:
         records = run_tasks(plan, data, writer)
-        rows = rows_from(records, plan.seeds, plan.ratios)
+        if plan.variants:
+            rows = structure_table.rows(records, plan.seeds, plan.variants, plan.ratios[0])
+            summary = structure_table.summary_metrics(rows)
+        else:
+            rows = rows_from(records, plan.seeds, plan.ratios)
+            summary = summary_metrics(rows)
         table, files = write_results(plan, records, rows)
-        writer.log(None, metrics=[Metric(k, v, now_ms(), 0) for k, v in summary_metrics(rows).items()])
+        writer.log(None, metrics=[Metric(k, v, now_ms(), 0) for k, v in summary.items()])
         for path in files:
             writer.log_artifact(None, str(path), artifact_path=ARTIFACT_DIR)
     except BaseException:
@@ -185,6 +193,8 @@ def child_runs(plan: ReproducePlan) -> ChildRun:
                 "rekd.seed": str(spec.seed)}
         if spec.prune_ratio is not None:
             tags["rekd.prune_ratio"] = f"{spec.prune_ratio:g}"
+        if spec.variant:
+            tags["rekd.variant"] = spec.variant
         return key, tags
 
     return child_run
@@ -197,26 +207,36 @@ def close_child(writer: RunWriter, key: str, spec: RunSpec, result: dict) -> dic
         writer.log(key, numeric_metrics(epoch_metrics, epoch_metrics["epoch"], end_ms))
     writer.log(key, [Metric("final_test_acc", result["test_acc"], now_ms(), 0)])
     writer.end(key, "FINISHED")
-    return {"kind": spec.kind, "seed": spec.seed, "prune_ratio": spec.prune_ratio, "mlflow_run_id": None,
+    return {"kind": spec.kind, "seed": spec.seed, "prune_ratio": spec.prune_ratio, "variant": spec.variant,
+            "mlflow_run_id": None,
             **{k: v for k, v in result.items() if k not in ("history", "epoch_end_ms")}}
 
 
 # -- the files ----------------------------------------------------------------------------------------------------
-def write_results(plan: ReproducePlan, records: list[dict], rows: list[Row]) -> tuple[str, list[Path]]:
-    """table.md, table.csv, accuracy.png (table1), runs.json (per-seed raw numbers) and plan.json."""
+def write_results(plan: ReproducePlan, records: list[dict], rows: list) -> tuple[str, list[Path]]:
+    """table.md, table.csv, accuracy.png (table1: against the prune ratio; structure: against density),
+    runs.json (per-seed raw numbers) and plan.json."""
     folder = plan.out_dir / plan.name
     folder.mkdir(parents=True, exist_ok=True)  # made by execute() for its log
     b = plan.base
-    table = markdown(rows, b.dataset, b.arch, caption(plan))
+    if plan.variants:
+        table = structure_table.markdown(rows, caption(plan))
+        csv = structure_table.csv_text(rows, b.dataset, b.arch, plan.kd_settings)
+    else:
+        table = markdown(rows, b.dataset, b.arch, caption(plan))
+        csv = csv_text(rows, b.dataset, b.arch, plan.kd_settings)
     files = [folder / "table.md", folder / "table.csv", folder / "runs.json", folder / "plan.json"]
     files[0].write_text(table + "\n")
-    files[1].write_text(csv_text(rows, b.dataset, b.arch, plan.kd_settings))
-    order = {(s.kind, s.seed, s.prune_ratio): i for i, s in enumerate(plan.runs())}  # not the finishing order
-    records = sorted(records, key=lambda r: order[r["kind"], r["seed"], r["prune_ratio"]])
+    files[1].write_text(csv)
+    order = {s.key: i for i, s in enumerate(plan.runs())}  # not the finishing order
+    records = sorted(records, key=lambda r: order[r["kind"], r["seed"], r["prune_ratio"], r["variant"]])
     files[2].write_text(json.dumps({"name": plan.name, "table": plan.table, "seeds": list(plan.seeds),
                                     "runs": records}, indent=2) + "\n")
     files[3].write_text(json.dumps(plan_document(plan), indent=2) + "\n")
-    if plan.ratios:
+    if plan.variants:
+        files.append(structure_table.plot(rows, f"sparse students on {b.dataset}/{b.arch}, {len(plan.seeds)} seeds",
+                                          folder / "accuracy.png"))
+    elif plan.ratios:
         files.append(plot(rows, f"{plan.table}: sparse-KD on {b.dataset}/{b.arch}, {len(plan.seeds)} seeds",
                           folder / "accuracy.png"))
     if plan.best_file:
@@ -228,6 +248,14 @@ def caption(plan: ReproducePlan) -> str:
     b, n = plan.base, len(plan.seeds)
     teacher = ("each seed's baseline student, magnitude-pruned at the ratio, not fine-tuned" if plan.ratios
                else "the virtual teacher of Eq. 6 (`confidence` on the true class)")
+    if plan.variants:
+        return (f"**structure** on {b.dataset}/{b.arch}, test split: sparse students against the dense baseline, "
+                f"accuracy in %, mean ± std over {n} seeds ({', '.join(map(str, plan.seeds))}); every generation "
+                f"{b.epochs} epochs. Δ = student − dense baseline, paired by seed; its 95% CI is a Student t with "
+                f"{n - 1} degree{'s' * (n > 2)} of freedom. KD students are taught by each seed's baseline, "
+                f"magnitude-pruned at {plan.ratios[0]:g}. Density = live share of conv weights; SOPs and energy "
+                f"count live synapses only (rekd.snn.energy). Distillation: "
+                f"{', '.join(f'{k}={v:g}' for k, v in plan.kd_settings.items())}. Code {provenance()['code_version']}.")
     settings = ", ".join(f"{k}={v:g} ({plan.kd_sources[k]})" for k, v in plan.kd_settings.items())
     return (f"**{plan.table}** ({b.mode}) on {b.dataset}/{b.arch}, test split: accuracy in %, mean ± std over "
             f"{n} seeds ({', '.join(map(str, plan.seeds))}); every run {b.epochs} epochs. Improvement = student KD "
@@ -241,6 +269,6 @@ def plan_document(plan: ReproducePlan) -> dict:
         "name": plan.name, "table": plan.table, "seeds": list(plan.seeds), "prune_ratios": list(plan.ratios),
         "distillation": plan.kd_settings, "sources": plan.kd_sources, "best_file": plan.best_file,
         "tracking_uri": plan.tracking_uri, "experiment": plan.experiment, "provenance": provenance(),
-        "runs": [{"kind": s.kind, "seed": s.seed, "prune_ratio": s.prune_ratio, "config": s.config.to_dict()}
-                 for s in plan.runs()],
+        "runs": [{"kind": s.kind, "seed": s.seed, "prune_ratio": s.prune_ratio, "variant": s.variant,
+                  "config": s.config.to_dict()} for s in plan.runs()],
     }
