@@ -65,6 +65,25 @@ def test_final_refuses_zero_seeds(tmp_path, capsys):
     assert code == 2 and "--seeds 0 is not allowed" in err
 
 
+def test_final_runs_a_sparse_config_beside_a_dense_baseline_and_reports_what_each_costs(tmp_path, capsys, cache_dir):
+    path = tmp_path / "best.yaml"
+    path.write_text("searched: [target_sparsity]\nconfigs:\n- settings: {mode: sparse_kd, structure: gmp, "
+                    "target_sparsity: 0.8, generations: 2, prune_ratio: 0.3, cache_dir: " + cache_dir + "}\n")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    code = final_main([str(path), "--seeds", "1", "--epochs", "1", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| 100.0 % |" in rows["baseline"]  # the baseline stays dense and of one generation
+    assert "target_sparsity=0.8" in rows["#1 sparse_kd"] and "| 20.0 % |" in rows["#1 sparse_kd"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("rekd-final").experiment_id],
+                              filter_string="tags.`rekd.role` = 'final_run'")
+    sparse = [r for r in runs if r.data.tags["rekd.label"] == "#1 sparse_kd"][0]
+    assert sparse.data.params["structure"] == "gmp" and sparse.data.params["generations"] == "2"
+    assert [m.step for m in client.get_metric_history(sparse.info.run_id, "density")] == [1, 2]
+
+
 # -- a tracking server outage during the final runs -----------------------------------------------------------
 def first_epoch_logged(client, experiment: str) -> bool:
     found = client.get_experiment_by_name(experiment)

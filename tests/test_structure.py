@@ -191,3 +191,26 @@ def test_a_pruned_teacher_from_a_sparse_student_keeps_its_zeros(cache_dir):
     assert history[0]["density"] == pytest.approx(0.5, abs=1e-3)
     assert history[1]["teacher_sparsity"] >= 0.7 - 1e-3  # the student's 50 % zeros, pruned further to 70 %
     assert not math.isnan(history[1]["val_acc"])
+
+
+def test_a_sparse_student_taught_by_the_virtual_teacher_keeps_its_target(cache_dir):
+    history = train(TrainConfig(cache_dir=cache_dir, device="cpu", mode="default_kd", structure="gmp",
+                                target_sparsity=0.9, epochs=2, sparsity_end_epoch=1)).history
+    assert history[-1]["density"] == pytest.approx(0.1, abs=1e-4) and history[-1]["train_kd"] > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_sparse_student_keeps_its_removed_weights_at_zero(cache_dir):
+    import getpass
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    result = train(TrainConfig(cache_dir=cache_dir, device="cpu", compile="true", structure="rewire",
+                               target_sparsity=0.8, epochs=1, prune_every=5))
+    assert result.config.compile == "true"
+    zeros = sum(int((conv.weight == 0).sum()) for conv in named_convs(result.model).values())
+    total = sum(conv.weight.numel() for conv in named_convs(result.model).values())
+    assert zeros >= round(0.8 * total) and result.final["density"] == pytest.approx(0.2, abs=1e-4)
+    # torch's own caches outside TORCHINDUCTOR_CACHE_DIR (see tests/test_compile.py)
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}", ignore_errors=True)

@@ -21,6 +21,7 @@ from mlflow.entities import Metric
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig, read_settings_file
 from rekd.errors import UsageError
+from rekd.evaluate.structure_table import COSTS
 from rekd.stats import mean_std, paired
 from rekd.snn.teachers import cpu_weights, store_teacher
 from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
@@ -70,7 +71,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
     document, configs = load_configs(args.best, args.epochs)
-    baseline = dataclasses.replace(configs[0], mode="baseline")
+    # The dense baseline (also the teacher of sparse_kd configs), whatever students the configs train.
+    baseline = dataclasses.replace(configs[0], mode="baseline", structure="dense", target_sparsity=0.0, generations=1,
+                                   inherit_mask=False)
     uri = check_tracking_uri(*tracking_uri_of(args, document))
     experiment_name = args.experiment or document.get("experiment") or "rekd-final"
     client, experiment_id = open_store(uri, experiment_name)
@@ -82,30 +85,38 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     writer = RunWriter(uri, experiment_id, parent_id, child_run=final_run)
     labels = ["baseline"] + [f"#{i + 1} {c.mode}" for i, c in enumerate(configs)]
     scores: dict[str, list[float]] = {label: [] for label in labels}
+    costs: dict[str, list[dict]] = {label: [] for label in labels}  # what each student costs, per seed
     seeds = list(range(args.seeds))
+
+    def record(label: str, result) -> None:
+        scores[label].append(result.final["test_acc"])
+        costs[label].append({k: result.final[k] for k in COSTS})
+
     try:
         for seed in seeds:
             base_cfg = dataclasses.replace(baseline, seed=seed)
             result = tracked_run(writer, "baseline", base_cfg)
-            scores["baseline"].append(result.final["test_acc"])
+            record("baseline", result)
             teacher_cfg = dataclasses.replace(base_cfg, teacher_epochs=base_cfg.epochs)
             store_teacher(teacher_cfg, cpu_weights(result.model), result.final["val_acc"])
             for label, cfg in zip(labels[1:], configs):
                 cfg = dataclasses.replace(cfg, seed=seed, teacher_epochs=cfg.epochs)
-                scores[label].append(tracked_run(writer, label, cfg).final["test_acc"])
+                record(label, tracked_run(writer, label, cfg))
     except BaseException:
         writer.end(None, "FAILED")
         warn_unlogged(writer, writer.close(timeout=FAILED_GRACE_S))
         raise
-    table = report(labels, configs, scores, seeds, document)
+    table = report(labels, configs, scores, costs, seeds, document)
     files = [out_dir / f"{name}.md", out_dir / f"{name}.json"]
     files[0].write_text(table + "\n")
-    files[1].write_text(json.dumps({"seeds": seeds, "test_acc": scores}, indent=2))
+    files[1].write_text(json.dumps({"seeds": seeds, "test_acc": scores, "costs": costs}, indent=2))
     summary = {}
     for label in labels:
         mean, std = mean_std(scores[label])
         key = label.replace("#", "config").replace(" ", "_")
         summary[f"{key}/test_acc_mean"], summary[f"{key}/test_acc_std"] = mean, std
+        for cost in COSTS:
+            summary[f"{key}/{cost}_mean"] = mean_std([c[cost] for c in costs[label]])[0]
         if label != "baseline":
             summary[f"{key}/improvement_mean"] = paired(scores[label], scores["baseline"])[0]
     writer.log(None, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
@@ -152,10 +163,13 @@ def tracked_run(writer: RunWriter, label: str, cfg: TrainConfig):
     return result
 
 
-def report(labels: list[str], configs: list[TrainConfig], scores: dict, seeds: list[int], document: dict) -> str:
+def report(labels: list[str], configs: list[TrainConfig], scores: dict, costs: dict, seeds: list[int],
+           document: dict) -> str:
     searched = document.get("searched") or []
-    lines = [f"Test accuracy over seeds {seeds} (mean ± std); improvement over the baseline paired by seed.", "",
-             "| config | settings | test acc | improvement |", "|---|---|---|---|"]
+    lines = [f"Test accuracy over seeds {seeds} (mean ± std); improvement over the baseline paired by seed; what "
+             "each student costs on the test split: conv density, SOPs and energy per sample (live synapses only).",
+             "", "| config | settings | test acc | improvement | density | SOPs | energy (µJ) |",
+             "|---|---|---|---|---|---|---|"]
     for label, cfg in zip(labels, [None] + configs):
         mean, std = mean_std(scores[label])
         settings = "" if cfg is None else ", ".join(f"{k}={getattr(cfg, k):.4g}" if isinstance(getattr(cfg, k), float)
@@ -165,5 +179,7 @@ def report(labels: list[str], configs: list[TrainConfig], scores: dict, seeds: l
         else:
             d_mean, d_std = paired(scores[label], scores["baseline"])
             gain = f"{100 * d_mean:+.2f} ± {100 * d_std:.2f} pts"
-        lines.append(f"| {label} | {settings} | {100 * mean:.2f} ± {100 * std:.2f} % | {gain} |")
+        cost = {k: mean_std([c[k] for c in costs[label]])[0] for k in COSTS}
+        lines.append(f"| {label} | {settings} | {100 * mean:.2f} ± {100 * std:.2f} % | {gain} | "
+                     f"{100 * cost['density']:.1f} % | {cost['sops']:,.0f} | {cost['energy_uj']:.3f} |")
     return "\n".join(lines)
