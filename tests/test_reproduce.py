@@ -270,10 +270,10 @@ def test_a_failure_after_the_parent_run_opened_leaves_it_failed(tmp_path, monkey
 
 
 # -- end to end ------------------------------------------------------------------------------------------
-def reproduce(table: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path, str]:
+def reproduce(table: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path, str]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.run([sys.executable, "-m", "rekd.reproduce", table, "--smoke-test", "--out",
+    proc = subprocess.run([sys.executable, "-m", "rekd.reproduce", table, "--smoke-test", *extra, "--out",
                            str(tmp_path / "out"), "--tracking-uri", uri],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -343,3 +343,26 @@ def test_table2_smoke_end_to_end(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.params["confidence"] == "0.95"
     assert len(children) == 3 * 2 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted(c.data.tags["rekd.kind"] for c in children) == ["baseline"] * 3 + ["kd"] * 3
+
+
+@pytest.mark.slow
+def test_structure_smoke_end_to_end(tmp_path):
+    proc, folder, uri = reproduce("structure", tmp_path, "--sparsities", "0.8")
+    assert {"table.md", "table.csv", "accuracy.png", "runs.json", "plan.json"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {r["student"]: r for r in csv.DictReader((folder / "table.csv").open())}
+    assert list(rows) == ["dense baseline", "dense + KD", "gmp 0.8", "gmp 0.8 + KD", "rewire 0.8", "rewire 0.8 + KD",
+                          "gmp 0.8 + KD, 2 generations"]
+    assert float(rows["dense baseline"]["density"]) == 1.0 and rows["dense baseline"]["delta_mean"] == ""
+    for name in ("gmp 0.8", "rewire 0.8 + KD", "gmp 0.8 + KD, 2 generations"):
+        assert float(rows[name]["density"]) == pytest.approx(0.2, abs=1e-3)
+        assert float(rows[name]["sops"]) < float(rows["dense baseline"]["sops"])  # live synapses only
+        low, mean, high = (float(rows[name][f"delta_{k}"]) for k in ("ci_low", "mean", "ci_high"))
+        assert low <= mean <= high
+    assert "(21/21 done)" in proc.stdout
+    client, parent, children = tracked(uri)
+    assert parent.info.status == "FINISHED" and len(children) == 21
+    generations = [c for c in children if c.data.tags.get("rekd.variant") == "gmp 0.8 + KD, 2 generations"]
+    assert len(generations) == 3 and generations[0].data.params["generations"] == "2"
+    assert [m.step for m in client.get_metric_history(generations[0].info.run_id, "density")] == [1, 2, 3, 4]
+    assert "gmp_0.8_kd/2_generations/delta_mean" in parent.data.metrics

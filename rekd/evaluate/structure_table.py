@@ -113,23 +113,26 @@ def plot(table: Sequence[StructureRow], title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     ax.axhspan(base["acc_mean"] - base["acc_std"], base["acc_mean"] + base["acc_std"], color="0.88", zorder=0)
     ax.axhline(base["acc_mean"], color="0.3", linestyle="--", label=f"dense baseline ({base['acc_mean']:.2f} %)")
-    for structure, color in (("gmp", "tab:blue"), ("rewire", "tab:orange")):
+    # Series at the same densities are set a little apart, so that their error bars stay readable.
+    for structure, color, shift in (("gmp", "tab:blue", -0.8), ("rewire", "tab:orange", 0.8)):
         for taught, fill in ((False, "none"), (True, color)):
-            group = [row for row in table if row.name.startswith(f"{structure} ")
+            group = [row for row in table if row.name.startswith(f"{structure} ") and "generations" not in row.name
                      and row.name.endswith(" + KD") == taught]
             if not group:
                 continue
             group.sort(key=lambda row: numbers[row.name]["density"])
-            ax.errorbar([100 * numbers[r.name]["density"] for r in group], [numbers[r.name]["acc_mean"] for r in group],
+            offset = shift + (0.4 if taught else -0.4)
+            ax.errorbar([100 * numbers[r.name]["density"] + offset for r in group],
+                        [numbers[r.name]["acc_mean"] for r in group],
                         yerr=[numbers[r.name]["acc_std"] for r in group], color=color, marker="o", mfc=fill,
                         capsize=3, linestyle="-" if taught else ":",
                         label=f"{structure}{' + pruned teacher' if taught else ', no teacher'}")
-    for row in table:
-        if row.name == BASELINE or (row.name.startswith(("gmp ", "rewire ")) and "generations" not in row.name):
-            continue
+    others = [row for row in table if row.name != BASELINE
+              and not (row.name.startswith(("gmp ", "rewire ")) and "generations" not in row.name)]
+    for row, color in zip(others, ("tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink")):
         n = numbers[row.name]
-        ax.errorbar([100 * n["density"]], [n["acc_mean"]], yerr=[n["acc_std"]], marker="s", capsize=3,
-                    linestyle="none", label=row.name)
+        ax.errorbar([100 * n["density"] + 2.0], [n["acc_mean"]], yerr=[n["acc_std"]], marker="s", capsize=3,
+                    color=color, linestyle="none", label=row.name)
     ax.set_xlabel("conv density of the student (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
