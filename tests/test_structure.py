@@ -107,6 +107,19 @@ def test_rewiring_keeps_the_count_and_changes_the_connections(digits):
         assert changed > 0, regrow
 
 
+def test_a_random_start_spreads_its_connections_by_the_erdos_renyi_kernel_rule():
+    cfg = TrainConfig(structure="rewire", target_sparsity=0.8).resolved(8)
+    model = build_model(cfg, 2, 10, 22)
+    structure = Structure(cfg, model, 10, 0)
+    first, second = (structure.masks[name].float().mean() for name in structure.convs)  # 2->32 and 32->64, 3x3
+    assert structure.live() == round(0.2 * structure.total)  # exactly the target
+    assert first == 1.0  # the rule asks (2+32+3+3)/(2*32*9) x scale > 1 of the small first conv: dense
+    # the rest goes to the second conv: (0.2 * 19008 - 576) / 18432 of it
+    assert float(second) == pytest.approx((round(0.2 * structure.total) - 576) / 18432, abs=1e-4)
+    again = Structure(cfg, build_model(cfg, 2, 10, 22), 10, 0)
+    assert all(torch.equal(structure.masks[n], again.masks[n]) for n in structure.masks)  # seeded
+
+
 def test_gradient_regrowth_picks_the_dead_connections_with_the_largest_gradient(digits):
     cfg = TrainConfig(structure="rewire", target_sparsity=0.5, epochs=4, prune_every=1, rewire_fraction=0.1)
     model, optimization = student(cfg, digits)

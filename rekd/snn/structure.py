@@ -6,7 +6,8 @@
   the sparsity follows s(t) = s_f + (s_i - s_f) (1 - p)^3, p the share of that window gone (s_i = 0, or the
   inherited mask's sparsity); every `prune_every` optimizer steps the smallest-|w| live weights are removed
   until s(t) is met. Masks only shrink. After the window the connections are fixed and the weights fine-tune.
-- rewire: `target_sparsity` from the first step (a uniformly random mask, or the inherited one), the count of
+- rewire: `target_sparsity` from the first step (a random mask spread over the layers by RigL's
+  Erdős–Rényi-kernel rule, so that small layers such as the first conv stay dense, or the inherited one), the count of
   live weights held exactly (SET, Mocanu et al. 2018; RigL, Evci et al. 2020; ESL-SNNs, Shen et al. 2023).
   Every `prune_every` steps inside the window, a share f(t) of the live weights with the smallest |w| is
   dropped and as many dead connections are regrown: where |dL/dw| is largest (`regrow=gradient`, RigL: the
@@ -101,12 +102,31 @@ class Structure:
         if inherited is not None:
             self.masks = {name: inherited[name].to(m.weight.device).clone() for name, m in self.convs.items()}
         elif cfg.structure == "rewire":
-            live = round((1.0 - cfg.target_sparsity) * self.total)
-            self.masks = self.unflatten(keep_top(torch.rand(self.total, generator=self.generator), live))
+            self.masks = self.random_masks(round((1.0 - cfg.target_sparsity) * self.total))
         else:
             self.masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in self.convs.items()}
         self.initial_sparsity = 1.0 - self.live() / self.total
         self.apply()
+
+    def random_masks(self, live: int) -> dict[str, torch.Tensor]:
+        """`live` connections drawn at random, spread over the layers as RigL's Erdős–Rényi-kernel rule says:
+        a layer's density proportional to (in + out + kh + kw) / (in x out x kh x kw), capped at dense. A
+        uniform spread starves the small layers (the first conv keeps a tenth of its few inputs at 90 %)."""
+        shapes = {name: conv.weight.shape for name, conv in self.convs.items()}
+        score = {name: sum(shape) / math.prod(shape) for name, shape in shapes.items()}
+        counts, dense = {}, set()
+        while True:  # layers the rule would make denser than dense are dense; the rest share what is left
+            left = live - sum(math.prod(shapes[n]) for n in dense)
+            scale = left / sum(score[n] * math.prod(shapes[n]) for n in shapes if n not in dense)
+            over = {n for n in shapes if n not in dense and scale * score[n] >= 1.0}
+            if not over:
+                break
+            dense |= over
+        for name, shape in shapes.items():
+            counts[name] = math.prod(shape) if name in dense else round(scale * score[name] * math.prod(shape))
+        counts[max(set(shapes) - dense or set(shapes), key=lambda n: counts[n])] += live - sum(counts.values())
+        return {name: keep_top(torch.rand(math.prod(shape), generator=self.generator), counts[name])
+                .reshape(shape).to(self.convs[name].weight.device) for name, shape in shapes.items()}
 
     # -- the schedule ----------------------------------------------------------------------------------
     def progress(self, step: int) -> float:
