@@ -227,3 +227,14 @@ def test_a_compiled_sparse_student_keeps_its_removed_weights_at_zero(cache_dir):
     assert zeros >= round(0.8 * total) and result.final["density"] == pytest.approx(0.2, abs=1e-4)
     # torch's own caches outside TORCHINDUCTOR_CACHE_DIR (see tests/test_compile.py)
     shutil.rmtree(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}", ignore_errors=True)
+
+
+def test_an_inherited_mask_starts_the_next_generation_where_its_teacher_ended(cache_dir):
+    common = dict(cache_dir=cache_dir, device="cpu", mode="sparse_kd", structure="gmp", target_sparsity=0.6,
+                  epochs=2, teacher_epochs=2, generations=2, sparsity_end_epoch=2, prune_every=5)
+    teacher = ensure_teacher(TrainConfig(**common))
+    fresh = train(TrainConfig(**common), teacher_weights=teacher).history
+    inherited = train(TrainConfig(**common, inherit_mask=True), teacher_weights=teacher).history
+    assert fresh[1]["density"] == pytest.approx(0.4, abs=1e-4) == inherited[1]["density"]  # generation 1's end
+    assert inherited[2]["density"] == pytest.approx(0.4, abs=1e-4)  # generation 2 starts at its teacher's mask
+    assert fresh[2]["density"] > 0.45  # a fresh student is halfway down its ramp from dense
