@@ -140,8 +140,14 @@ class TrainConfig:
             lr=self.lr if self.lr is not None else DEFAULT_LR[self.optimizer],
             surrogate_alpha=self.surrogate_alpha or DEFAULT_SURROGATE_ALPHA[self.surrogate],
             teacher_epochs=self.teacher_epochs or self.epochs,
-            sparsity_end_epoch=self.sparsity_end_epoch or default_sparsity_end(self.sparsity_start_epoch, self.epochs),
         )
+
+    @property
+    def sparsity_end(self) -> int:
+        """The epoch gmp reaches its target and rewire stops: sparsity_end_epoch, or 3/4 of epochs when it is
+        None. Left unresolved in a recorded config, so that a run of that config with other epochs
+        (rekd.final --epochs) keeps the proportion instead of a window that no longer fits."""
+        return self.sparsity_end_epoch or default_sparsity_end(self.sparsity_start_epoch, self.epochs)
 
     @property
     def total_epochs(self) -> int:

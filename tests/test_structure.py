@@ -238,3 +238,10 @@ def test_an_inherited_mask_starts_the_next_generation_where_its_teacher_ended(ca
     assert fresh[1]["density"] == pytest.approx(0.4, abs=1e-4) == inherited[1]["density"]  # generation 1's end
     assert inherited[2]["density"] == pytest.approx(0.4, abs=1e-4)  # generation 2 starts at its teacher's mask
     assert fresh[2]["density"] > 0.45  # a fresh student is halfway down its ramp from dense
+
+
+def test_the_default_window_is_a_proportion_of_the_epochs_kept_unresolved_in_the_recorded_config():
+    cfg = TrainConfig(structure="gmp", target_sparsity=0.8, epochs=8).resolved(4)
+    assert cfg.sparsity_end_epoch is None and cfg.sparsity_end == 6
+    shorter = TrainConfig.from_dict({**cfg.to_dict(), "epochs": 1})  # rekd.final --epochs 1 on a recorded config
+    assert shorter.sparsity_end == 1

@@ -96,7 +96,7 @@ class Structure:
         self.convs = named_convs(model)
         self.total = sum(m.weight.numel() for m in self.convs.values())
         self.start = cfg.sparsity_start_epoch * steps_per_epoch
-        self.end = max(cfg.sparsity_end_epoch * steps_per_epoch, self.start + 1)  # resolved cfg: set
+        self.end = max(cfg.sparsity_end * steps_per_epoch, self.start + 1)
         self.step = 0  # optimizer steps taken
         self.generator = torch.Generator().manual_seed(seed)  # the random mask and random regrowth, on the CPU
         if inherited is not None:

@@ -11,7 +11,9 @@ epoch) and a `rekd.outcome` tag (rekd.tracking.outcomes): completed, stopped_ear
 from __future__ import annotations
 
 import functools
+import os
 import weakref
+from pathlib import Path
 from typing import Optional
 
 from mlflow.entities import Metric, Param, RunTag
@@ -110,6 +112,9 @@ class MlflowTrialTracker(Callback, RunWriter):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         error = trial.get_error()
+        if error is None and trial.error_file and os.path.isfile(trial.error_file):
+            # get_error() reads the copy in the storage path, which the driver writes there a little later
+            error = Path(trial.error_file).read_text()
         reason = error_summary(error) if error is not None else "error"
         self.end_trial(trial.trial_id, outcomes.ended(trial.last_result, self.epochs, errored=True), "FAILED",
                        {"rekd.error": reason[:500]})
