@@ -23,7 +23,7 @@ from rekd.config import TrainConfig, read_settings_file
 from rekd.errors import UsageError
 from rekd.evaluate.structure_table import COSTS
 from rekd.stats import mean_std, paired
-from rekd.snn.teachers import cpu_weights, store_teacher
+from rekd.snn.teachers import cpu_weights, dense_baseline, store_teacher
 from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
 from rekd.tracking.store import check_tracking_uri, open_store, pick_tracking_uri
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, RunWriter, warn_unlogged
@@ -72,8 +72,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
     document, configs = load_configs(args.best, args.epochs)
     # The dense baseline (also the teacher of sparse_kd configs), whatever students the configs train.
-    baseline = dataclasses.replace(configs[0], mode="baseline", structure="dense", target_sparsity=0.0, generations=1,
-                                   inherit_mask=False)
+    baseline = dense_baseline(configs[0])
     uri = check_tracking_uri(*tracking_uri_of(args, document))
     experiment_name = args.experiment or document.get("experiment") or "rekd-final"
     client, experiment_id = open_store(uri, experiment_name)

@@ -37,10 +37,15 @@ NOT_STUDENT = ("cache_dir", "download", "eval_test", "device", "amp", "channels_
 EXTERNAL_DATA = ("cifar100", "dvsgesture")  # datasets read from data_root: their location is part of the key
 
 
+def dense_baseline(cfg: TrainConfig) -> TrainConfig:
+    """cfg as a dense baseline of one generation, whatever student cfg trains."""
+    return dataclasses.replace(cfg, mode="baseline", structure="dense", target_sparsity=0.0, generations=1,
+                               inherit_mask=False)
+
+
 def baseline_config(cfg: TrainConfig) -> TrainConfig:
     """The config of the baseline run that becomes this run's teacher (a resolved cfg goes in)."""
-    return dataclasses.replace(cfg, mode="baseline", epochs=cfg.teacher_epochs or cfg.epochs, eval_test=False,
-                               structure="dense", target_sparsity=0.0, generations=1, inherit_mask=False)
+    return dataclasses.replace(dense_baseline(cfg), epochs=cfg.teacher_epochs or cfg.epochs, eval_test=False)
 
 
 def teacher_key(cfg: TrainConfig) -> str:

@@ -20,7 +20,8 @@ from rekd.storage import load_tensors, load_weights, save_atomic
 
 FORMAT = "rekd-checkpoint-1"
 FILENAME = "last.pt"
-# Settings that change the shape of the weights: a checkpoint must agree on all of them.
+# Settings that change the shape of the weights or what the checkpoint holds (masks, a generation's
+# teacher): a checkpoint must agree on all of them.
 SHAPE_KEYS = ("arch", "dataset", "downsample", "structure", "generations")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 

@@ -177,7 +177,7 @@ def train(
             cfg, generation, data, device, teacher_weights, history, resumed=resumed,
             inherited=inherited if cfg.inherit_mask else None, on_epoch=on_epoch, run_dir=run_dir, progress=progress)
         teacher_weights = cpu_weights(model)
-        inherited = structure.state_dict()["masks"] if structure is not None else None
+        inherited = structure.masks if structure is not None else None
         resumed = None
         if cfg.generations > 1:  # each generation's student, for whoever wants to teach with it again
             store_generation(cfg, generation, teacher_weights, history[-1]["val_acc"])
