@@ -24,9 +24,9 @@ def start_search(tmp_path: Path, tmp: Path, name: str, *extra: str) -> tuple[sub
     return proc, env
 
 
-def runs(tmp_path: Path, name: str):
+def runs(tmp_path: Path, name: str, experiment: str = EXPERIMENT):
     client = MlflowClient(f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment = client.get_experiment_by_name(experiment)
     if experiment is None:
         return client, None, []
     found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`rekd.search` = '{name}'")
@@ -35,14 +35,14 @@ def runs(tmp_path: Path, name: str):
     return client, parents[0] if parents else None, children
 
 
-def wait_for_an_epoch(proc, tmp_path: Path, name: str, timeout: float = 240) -> None:
+def wait_for_an_epoch(proc, tmp_path: Path, name: str, timeout: float = 240, experiment: str = EXPERIMENT) -> None:
     """Until some trial has reported an epoch and is still running: a search in mid-flight."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if not (tmp_path / "r" / name / "rekd-search.json").exists():  # the store is made and the search begun
             time.sleep(0.3)
             continue
-        client, _, children = runs(tmp_path, name)
+        client, _, children = runs(tmp_path, name, experiment)
         if any(c.info.status == "RUNNING" and client.get_metric_history(c.info.run_id, "val_acc") for c in children):
             return
         time.sleep(0.3)

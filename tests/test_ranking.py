@@ -85,7 +85,7 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     assert configs[0].confidence == pytest.approx(0.92)
     assert best_config(str(out), "default_kd").confidence == pytest.approx(0.92)
     # The rekd.evaluate.best command the search prints runs as printed from another folder, the default store too
-    words = shlex.split(best_command(SimpleNamespace(experiment="rekd-default_kd", tracking_uri=uri)))
+    words = shlex.split(best_command(SimpleNamespace(experiment="rekd-default_kd", tracking_uri=uri, study=study)))
     assert words[1:3] == ["-m", "rekd.best"] and words[-2:] == ["--tracking-uri", uri]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

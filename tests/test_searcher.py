@@ -41,3 +41,25 @@ def test_stock_optuna_search_records_the_stopped_trial_as_complete(tmp_path):
     trials = drive(stock=True, tmp_path=tmp_path)
     assert trials[1].state == optuna.trial.TrialState.COMPLETE  # the flaw the fix removes
     assert trials[1].value == pytest.approx(0.3) and trials[1].intermediate_values == {}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
+def test_with_two_objectives_a_full_trial_is_complete_with_both_values_and_a_stopped_one_pruned(sampler, tmp_path):
+    study = load_study("pareto").with_overrides(fixed={"epochs": 3}, sampler=sampler)
+    url = f"sqlite:///{tmp_path / 'mo.db'}"
+    searcher = make_searcher(study, url, "s")
+    for trial_id in ("full", "stopped", "oom"):
+        assert set(searcher.suggest(trial_id)) == {"target_sparsity", "prune_ratio", "temperature", "alpha"}
+    for epoch in (1, 2):  # Optuna refuses intermediate values of several objectives: nothing is sent
+        searcher.on_trial_result("full", {"val_acc": 0.5, "energy_uj": 2.0, "epoch": epoch, "training_iteration": epoch})
+    searcher.on_trial_complete("full", {"val_acc": 0.8, "energy_uj": 1.5, "epoch": 3, "training_iteration": 3})
+    searcher.on_trial_complete("stopped", {"val_acc": 0.3, "energy_uj": 0.9, "epoch": 1, "training_iteration": 1})
+    searcher.on_trial_complete("oom", {"epoch": 1, "stop_reason": "cuda_oom"})
+    ot = optuna.load_study(study_name="s", storage=url)
+    assert [d.name for d in ot.directions] == ["MAXIMIZE", "MINIMIZE"]
+    full, stopped, oom = ot.trials
+    assert full.state == optuna.trial.TrialState.COMPLETE and full.values == pytest.approx([0.8, 1.5])
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.values is None
+    assert stopped.user_attrs == {"rekd.stopped_values": {"val_acc": 0.3, "energy_uj": 0.9}, "rekd.stopped_at_epoch": 1}
+    assert oom.state == optuna.trial.TrialState.FAIL
+    assert [t.number for t in ot.best_trials] == [0]  # Optuna's own Pareto front: full-budget trials only

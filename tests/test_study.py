@@ -22,17 +22,26 @@ num_samples: 4
 max_concurrency: 2
 resources: {cpu: 1, gpu: 0.5}
 """
+MO = "objectives:\n  - {metric: val_acc, mode: max}\n  - {metric: energy_uj, mode: min}\n"
 
 
-@pytest.mark.parametrize("name", ["sparse_kd", "default_kd", "baseline"])
+@pytest.mark.parametrize("name", ["sparse_kd", "default_kd", "baseline", "pareto"])
 def test_shipped_studies_load_and_use_only_registered_names(name):
     study = load_study(name)
-    assert study.fixed["mode"] == name
+    assert study.fixed["mode"] == ("sparse_kd" if name == "pareto" else name)
     assert study.fixed["dataset"] in DATASETS and study.fixed["arch"] in ARCHS
     assert all(p.name in FIELD_TYPES for p in study.params)
     assert study.metric == "val_acc" and study.grace_period <= study.epochs
     smoke = study.smoke()
     assert smoke.epochs <= 2 and smoke.num_samples <= 8
+
+
+def test_the_pareto_study_has_two_objectives_the_first_of_which_is_its_metric():
+    study = load_study("pareto")
+    assert study.multi_objective and study.objectives == (("val_acc", "max"), ("energy_uj", "min"))
+    assert (study.metric, study.mode) == study.objectives[0]
+    assert "target_sparsity" in {p.name for p in study.params} and study.fixed["structure"] == "gmp"
+    assert not load_study("sparse_kd").multi_objective and load_study("sparse_kd").objectives == (("val_acc", "max"),)
 
 
 def test_every_study_file_in_search_spaces_is_valid():
@@ -63,7 +72,7 @@ BAD = [
     ("unknown fixed setting", replace(GOOD, "epochs: 4}", "epochs: 4, colour: red}"), "fixed: unknown setting 'colour'"),
     ("fixed value out of range", replace(GOOD, "epochs: 4}", "epochs: 0}"), "fixed: epochs=0 is not allowed"),
     ("unknown dataset", replace(GOOD, "dataset: digits", "dataset: mnist"), "unknown dataset 'mnist'"),
-    ("unknown sampler", replace(GOOD, "type: tpe", "type: cmaes"), "sampler.type: 'cmaes' is not allowed; allowed: tpe | random"),
+    ("unknown sampler", replace(GOOD, "type: tpe", "type: cmaes"), "sampler.type: 'cmaes' is not allowed; allowed: tpe | random | nsga2"),
     ("unknown asha key", replace(GOOD, "reduction_factor: 2", "eta: 2"), "asha.eta: unknown key"),
     ("grace beyond epochs", replace(GOOD, "grace_period: 1", "grace_period: 9"), "asha.grace_period: 9 exceeds epochs=4"),
     ("mode", replace(GOOD, "mode: max", "mode: best"), "mode: 'best' is not allowed; allowed: max | min"),
@@ -72,6 +81,14 @@ BAD = [
     ("int of a float setting", replace(GOOD, "prune_ratio: {type: uniform", "prune_ratio: {type: int"), "params.prune_ratio.type: int does not fit prune_ratio, which is float; allowed: categorical"),
     ("categorical choice illegal", replace(GOOD, "prune_ratio: {type: uniform, low: 0.0, high: 0.9}", "prune_ratio: {type: categorical, choices: [0.1, 1.5]}"), "params.prune_ratio.choices: prune_ratio=1.5 is not allowed"),
     ("resources not a mapping", replace(GOOD, "resources: {cpu: 1, gpu: 0.5}", "resources: 4"), "resources: 4 has the wrong type; allowed: a mapping"),
+    ("metric not reported per epoch", replace(GOOD, "metric: val_acc", "metric: test_acc"), "metric: 'test_acc' is not a per-epoch metric; allowed: val_acc"),
+    ("unknown objective metric", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace("energy_uj", "joules")), "objectives[1].metric: 'joules' is not a per-epoch metric; allowed: val_acc, train_acc"),
+    ("objective mode not min/max", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace("mode: min", "mode: lowest")), "objectives[1].mode: 'lowest' is not allowed; allowed: max | min"),
+    ("one objective as a list of one", replace(GOOD, "metric: val_acc\nmode: max\n", "objectives:\n  - {metric: val_acc, mode: max}\n"), "objectives: 1 objective(s); allowed: two or more (one objective is written as metric: and mode:)"),
+    ("objectives beside metric", replace(GOOD, "mode: max\n", MO), "metric: given with objectives; a study has either metric/mode or objectives"),
+    ("objective without mode", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace(", mode: min", "")), "objectives[1]: needs both metric and mode; allowed: metric, mode"),
+    ("objective twice", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace("energy_uj", "val_acc")), "objectives[1].metric: 'val_acc' is already an objective"),
+    ("population without nsga2", replace(GOOD, "type: tpe, seed: 0", "type: tpe, seed: 0, population_size: 8"), "sampler.population_size: only for type: nsga2"),
 ]
 
 
@@ -90,7 +107,7 @@ def test_a_malformed_study_is_one_line_exit_2_and_nothing_is_written(text, messa
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["nosuchstudy"], "unknown study 'nosuchstudy'; allowed: baseline, default_kd, sparse_kd"),
+    (["nosuchstudy"], "unknown study 'nosuchstudy'; allowed: baseline, default_kd, pareto, sparse_kd"),
     (["sparse_kd", "--num-samples", "0"], "--num-samples 0 is not allowed; allowed: an integer >= 1"),
     (["sparse_kd", "--epochs", "0"], "epochs=0 is not allowed"),
     (["sparse_kd", "--set", "prune_ratio=2"], "prune_ratio=2.0 is not allowed"),

@@ -30,8 +30,8 @@ class ResumableASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         # Each recorded result goes through ASHA's public entry, as it did when the trial reported it: it
         # fills the rungs the same way. The decisions it returns were acted on then, and are ignored now.
-        for iteration, value in recorded_results(trial, self.time_attr, self.metric):
-            super().on_trial_result(tune_controller, trial, {self.time_attr: iteration, self.metric: value})
+        for result in recorded_results(trial, self.time_attr, [self.metric]):
+            super().on_trial_result(tune_controller, trial, result)
 
 
 def relocate(trial, storage_path: Optional[str]) -> None:
@@ -46,13 +46,14 @@ def relocate(trial, storage_path: Optional[str]) -> None:
     trial.set_storage(storage)
 
 
-def recorded_results(trial, time_attr: str, metric: str) -> Iterator[tuple[int, float]]:
-    """(iteration, metric) of every result the trial reported before, from its result.json (if any)."""
+def recorded_results(trial, time_attr: str, metrics: list[str]) -> Iterator[dict]:
+    """{time_attr, *metrics} of every result the trial reported before with all of them, from its
+    result.json (if any)."""
     try:
-        folder = trial.path
+        folder = getattr(trial, "path", None)
     except RuntimeError:  # a new trial has no folder yet (ray raises rather than returning None)
         return
-    if not folder or trial.storage is None:
+    if not folder or getattr(trial, "storage", None) is None:
         return
     # Read where Tune keeps the trial: a folder, or an object store (its driver-side copy starts empty).
     text = trial_storage.read_text(trial.storage.storage_filesystem, f"{folder}/result.json")
@@ -61,5 +62,5 @@ def recorded_results(trial, time_attr: str, metric: str) -> Iterator[tuple[int, 
             result = json.loads(line)
         except json.JSONDecodeError:  # a line cut short when the driver died
             continue
-        if time_attr in result and isinstance(result.get(metric), (int, float)):
-            yield int(result[time_attr]), float(result[metric])
+        if time_attr in result and all(isinstance(result.get(m), (int, float)) for m in metrics):
+            yield {time_attr: int(result[time_attr]), **{m: float(result[m]) for m in metrics}}

@@ -27,6 +27,7 @@ from rekd.search.storage_watch import StorageWatch, storage_error
 from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
 from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished, make_searcher
 from rekd.search.asha import ResumableASHA
+from rekd.search.moasha import MultiObjectiveASHA
 from rekd.tracking.runs import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line,
                                 flat_params)
 from rekd.tracking.tune_callback import MlflowTrialTracker
@@ -51,6 +52,9 @@ def parent_params(plan: SearchPlan) -> list[Param]:
     s = plan.study
     values = {
         "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
+        "objectives": ",".join(f"{metric}:{mode}" for metric, mode in s.objectives),
+        **({"sampler.population_size": s.population_size} if s.sampler == "nsga2" else {}),
+        "scheduler": "mo-asha" if s.multi_objective else "asha",
         "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,
         "num_samples": s.num_samples, "max_concurrency": s.max_concurrency,
         "resources.cpu": s.cpus, "resources.gpu": s.gpus, "resources.cpu_fallback": s.cpu_fallback,
@@ -207,9 +211,13 @@ class Search:
         plan, study = self.plan, self.plan.study
         searcher = ConcurrencyLimiter(make_searcher(study, self.optuna_url, plan.name, stock=plan.stock_optuna),
                                       max_concurrent=study.max_concurrency)
-        scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
-                                  max_t=study.epochs, grace_period=study.grace_period,
-                                  reduction_factor=study.reduction_factor)
+        if study.multi_objective:
+            scheduler = MultiObjectiveASHA(study.objectives, max_t=study.epochs, grace_period=study.grace_period,
+                                           reduction_factor=study.reduction_factor)
+        else:
+            scheduler = ResumableASHA(time_attr="training_iteration", metric=study.metric, mode=study.mode,
+                                      max_t=study.epochs, grace_period=study.grace_period,
+                                      reduction_factor=study.reduction_factor)
         return tune.Tuner(
             self.trainable(data, teacher, resources),
             param_space=self.fixed_settings(),
@@ -233,7 +241,7 @@ class Search:
 
         plan = self.plan
         ResumableOptunaSearch.storage_url = self.optuna_url
-        ResumableASHA.storage_path = trial_storage.filesystem(plan.storage_path)[1]
+        ResumableASHA.storage_path = MultiObjectiveASHA.storage_path = trial_storage.filesystem(plan.storage_path)[1]
         tuner = tune.Tuner.restore(trial_storage.join(plan.storage_path, plan.name),
                                    trainable=self.trainable(data, teacher, resources),
                                    resume_unfinished=True, resume_errored=True, param_space=self.fixed_settings())

@@ -15,6 +15,11 @@ connection, and a moved folder is reconnected where it is now).
 `ResumableOptunaSearch` does what Ray's OptunaSearch does (an early-stopped trial is told COMPLETE with its
 partial value: the `stock` comparison); `PrunedAwareOptunaSearch` adds the PRUNED fix and tells a trial
 that stopped itself (NaN loss, out of memory) as FAIL.
+
+With several `objectives` the Optuna study has one direction per objective and a full-budget trial is
+told COMPLETE with all its values. Optuna refuses intermediate values in such a study (`Trial.report`),
+so a trial stopped early is told PRUNED without them; the values it was stopped on are kept in its user
+attrs (`rekd.stopped_values`, `rekd.stopped_at_epoch`).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from rekd.tracking.outcomes import STOP_REASON
 log = logging.getLogger(__name__)
 
 CONTINUES_ATTR = "rekd.continues"
+STOPPED_VALUES_ATTR = "rekd.stopped_values"  # multi-objective: {metric: value} at the epoch it was stopped
+STOPPED_AT_ATTR = "rekd.stopped_at_epoch"
 INTERRUPTED_ATTR = "rekd.interrupted_trials"
 EPOCH_KEY = "epoch"  # rekd's own per-epoch counter: survives trial restarts, unlike Tune's iteration
 
@@ -51,8 +58,12 @@ def distribution(param: Param) -> optuna.distributions.BaseDistribution:
 
 
 def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
+    """The study's seeded sampler. TPE handles several objectives itself (MOTPE); NSGA-II evolves
+    generations of `population_size` trials and samples at random until the first is complete."""
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=study.sampler_seed)
+    if study.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=study.population_size, seed=study.sampler_seed)
     return optuna.samplers.TPESampler(seed=study.sampler_seed)
 
 
@@ -72,10 +83,13 @@ class ResumableOptunaSearch(Searcher):
     def __init__(self, space: Optional[dict[str, optuna.distributions.BaseDistribution]] = None,
                  metric: Optional[str] = None, mode: Optional[str] = None,
                  sampler: Optional[optuna.samplers.BaseSampler] = None, study_name: str = "optuna",
-                 storage: Optional[str] = None):
+                 storage: Optional[str] = None, objectives: Optional[list[tuple[str, str]]] = None):
+        if objectives:  # several: Tune's Searcher takes the first as its metric and mode
+            metric, mode = objectives[0]
         super().__init__(metric=metric, mode=mode)
         self.space = dict(space or {})
         self.target_metric, self.target_mode = metric, mode
+        self.objectives = [tuple(o) for o in objectives] if objectives else None
         self.sampler = sampler or optuna.samplers.TPESampler()
         self.study_name = study_name
         self.study_url = storage
@@ -97,6 +111,19 @@ class ResumableOptunaSearch(Searcher):
     def mode(self) -> Optional[str]:
         return self.target_mode
 
+    @property
+    def multi_objective(self) -> bool:
+        return len(getattr(self, "objectives", None) or ()) > 1
+
+    def values(self, result: Optional[dict]):
+        """The result's objective value (a list of them with several objectives); None if one is missing."""
+        if not result:
+            return None
+        if not self.multi_objective:
+            return result.get(self.metric)
+        values = [result.get(metric) for metric, _ in self.objectives]
+        return None if any(v is None for v in values) else [float(v) for v in values]
+
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
         """Tune's TuneConfig metric/mode and param space, used (as OptunaSearch does) only when the searcher
         was made without a space of its own."""
@@ -116,10 +143,11 @@ class ResumableOptunaSearch(Searcher):
         self.storage = (optuna.storages.RDBStorage(self.study_url) if self.study_url
                         else optuna.storages.InMemoryStorage())
         if create:
+            modes = [mode for _, mode in self.objectives] if self.multi_objective else [self.target_mode]
             self.study = optuna.create_study(
                 study_name=self.study_name, storage=self.storage, sampler=self.sampler,
                 pruner=optuna.pruners.NopPruner(), load_if_exists=True,
-                direction="minimize" if self.target_mode == "min" else "maximize")
+                directions=["minimize" if mode == "min" else "maximize" for mode in modes])
         else:
             self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
                                            pruner=optuna.pruners.NopPruner())
@@ -158,7 +186,7 @@ class ResumableOptunaSearch(Searcher):
         if trial_id in self.completed:
             log.warning("received a result for trial %s, which has already finished: %s", trial_id, result)
             return
-        if self.metric not in result:  # a result that only says why the trial stopped carries no metric
+        if self.metric not in result or self.multi_objective:  # Optuna keeps no intermediate values of several
             return
         self.optuna_trial(trial_id).report(result[self.metric], result[TRAINING_ITERATION])
 
@@ -168,18 +196,22 @@ class ResumableOptunaSearch(Searcher):
         if trial_id in self.completed:
             log.warning("received another completion of trial %s, which has already finished: %s", trial_id, result)
             return
-        value = result.get(self.metric) if result else None
+        value = self.values(result)
         if value is not None:
             self.close(trial_id, TrialState.COMPLETE, value)
         else:
             self.close(trial_id, TrialState.FAIL if error else TrialState.PRUNED)
 
-    def close(self, trial_id: str, state: TrialState, value: Optional[float] = None,
-              last: Optional[tuple[float, int]] = None) -> None:
-        """Tell Optuna the trial's end (after reporting `last` = (value, step) as its intermediate value)."""
+    def close(self, trial_id: str, state: TrialState, value=None, last: Optional[tuple] = None) -> None:
+        """Tell Optuna the trial's end (after reporting `last` = (value, step) as its intermediate value; with
+        several objectives, keeping `last` = (values, step) in its user attrs)."""
         number = self.trial_numbers[trial_id]
         try:
-            if last is not None:
+            if last is not None and self.multi_objective:
+                trial = self.optuna_trial(trial_id)
+                trial.set_user_attr(STOPPED_VALUES_ATTR, dict(zip((m for m, _ in self.objectives), last[0])))
+                trial.set_user_attr(STOPPED_AT_ATTR, int(last[1]))
+            elif last is not None:
                 self.optuna_trial(trial_id).report(*last)
             self.connected().tell(number, value, state=state)
         except Exception as exc:  # e.g. a NaN value, or a trial that reported nothing: not worth failing for
@@ -245,8 +277,9 @@ class PrunedAwareOptunaSearch(ResumableOptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         # Earlier epochs were reported by on_trial_result; the result ASHA stopped the trial on reaches
         # only this method, so it is reported here and becomes the pruned trial's value.
-        value = result.get(self.metric)
-        last = None if value is None else (float(value), int(result.get(TRAINING_ITERATION, epoch)))
+        value = self.values(result)
+        last = None if value is None else (value if self.multi_objective else float(value),
+                                           int(result.get(TRAINING_ITERATION, epoch)))
         self.close(trial_id, TrialState.PRUNED, last=last)
 
 
@@ -279,7 +312,8 @@ def close_unfinished(storage_url: str, study_name: str) -> int:
 def make_searcher(study: Study, storage_url: str, study_name: str, stock: bool = False) -> ResumableOptunaSearch:
     """The study's sampler over its params, persisted in an Optuna RDB storage (for plots and resume)."""
     common = dict(space={p.name: distribution(p) for p in study.params}, metric=study.metric, mode=study.mode,
-                  sampler=make_sampler(study), study_name=study_name, storage=storage_url)
+                  sampler=make_sampler(study), study_name=study_name, storage=storage_url,
+                  objectives=list(study.objectives))
     if stock:
         return ResumableOptunaSearch(**common)
     return PrunedAwareOptunaSearch(max_epochs=study.epochs, **common)

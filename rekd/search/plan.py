@@ -171,6 +171,9 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is not allowed; allowed: an integer >= 1")
             overrides[flag] = value
     study = study.with_overrides(params=searched, fixed=fixed, **overrides)
+    if args.stock_optuna and study.multi_objective:
+        raise UsageError(f"--stock-optuna compares single-objective searches; study {study.name} has "
+                         f"{len(study.objectives)} objectives")
     base = resolve(study.base_config())
     storage_path = trial_storage.resolve(args.storage_path or RESULTS_FOLDER)
     local_path = local_folder(args)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from ray.tune import ProgressReporter
 from ray.tune.experiment import Trial
 
-from rekd.search.ranking import rank_key
+from rekd.search.ranking import pareto_ranked, rank_key
 from rekd.search.study import Study
 from rekd.tracking import outcomes
 
@@ -91,14 +91,27 @@ class RekdProgress(ProgressReporter):
     def table(self, trials: list[Trial]) -> str:
         """The header line, then one row per trial: running first, then as rekd ranks them."""
         outcomes = {t.trial_id: outcome(t, self.study.epochs) for t in trials}
-        ordered = sorted(trials, key=lambda t: (outcomes[t.trial_id] != "running",
-                                                *self.rank(t, outcomes[t.trial_id])))
+        ordered = self.ordered(trials, outcomes)
         shown, hidden = ordered[:self.max_rows], ordered[self.max_rows:]
         lines = [self.header(trials, outcomes), *self.rows(shown, outcomes)]
         if hidden:
             states = count_str([outcomes[t.trial_id] for t in hidden])
             lines.append(f"... {len(hidden)} more trials not shown ({states})")
         return "\n".join(lines)
+
+    def ordered(self, trials: list[Trial], outcomes: dict[str, str]) -> list[Trial]:
+        """Running trials first, then as rekd ranks them (by the metric, or by Pareto front)."""
+        if not self.study.multi_objective:
+            return sorted(trials, key=lambda t: (outcomes[t.trial_id] != "running", *self.rank(t, outcomes[t.trial_id])))
+        running = sorted((t for t in trials if outcomes[t.trial_id] == "running"), key=lambda t: t.trial_id)
+        rest = self.front_ranked([t for t in trials if outcomes[t.trial_id] != "running"], outcomes)
+        return running + [t for t, _ in rest]
+
+    def front_ranked(self, trials: list[Trial], outcomes: dict[str, str]) -> list[tuple[Trial, int]]:
+        objectives = self.study.objectives
+        return pareto_ranked(trials, lambda t: outcomes[t.trial_id],
+                             lambda t: [metric_value(t, m) for m, _ in objectives], lambda t: t.trial_id,
+                             [mode for _, mode in objectives])
 
     def rank(self, trial: Trial, state: str) -> tuple:
         return rank_key(state, metric_value(trial, self.study.metric), trial.trial_id, self.study.mode)
@@ -118,6 +131,11 @@ class RekdProgress(ProgressReporter):
 
     def best_str(self, trials: list[Trial], outcomes: dict[str, str]) -> str:
         """The best trial by rekd's rule (full budget first); a trial stopped by its own failure is no candidate."""
+        if self.study.multi_objective:
+            completed = [t for t in trials if outcomes[t.trial_id] == "completed"]
+            front = [t.trial_id for t, number in self.front_ranked(completed, outcomes) if number == 1
+                     and all(math.isfinite(metric_value(t, m)) for m, _ in self.study.objectives)]
+            return f"; Pareto front {len(front)}: {', '.join(front)}" if front else ""
         candidates = [t for t in trials if outcomes[t.trial_id] in ("completed", "stopped early", "running", "paused")
                       and math.isfinite(metric_value(t, self.study.metric))]
         if not candidates:
@@ -130,12 +148,13 @@ class RekdProgress(ProgressReporter):
     def rows(self, trials: list[Trial], outcomes: dict[str, str]) -> list[str]:
         study = self.study
         names = [p.name for p in study.params]
-        head = ["trial", "status", "epoch", study.metric, "train_loss", "s/epoch", *names]
+        shown = [m for m, _ in study.objectives] + [m for m in ("train_loss",) if m not in dict(study.objectives)]
+        head = ["trial", "status", "epoch", *shown, "s/epoch", *names]
         body = []
         for t in trials:
             last = t.last_result
             body.append([t.trial_id, outcomes[t.trial_id], f"{last.get('epoch', 0)}/{study.epochs}",
-                         number(last.get(study.metric), ".4f"), number(last.get("train_loss"), ".4g"),
+                         *(number(last.get(m), ".4f" if m.endswith("_acc") else ".4g") for m in shown),
                          number(last.get("epoch_time_s"), ".1f"), *(param(t.config.get(n)) for n in names)])
         widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
         # id and status read left to right; numbers line up on the right

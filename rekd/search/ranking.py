@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from rekd.search import pareto
 from rekd.tracking import outcomes
 
 FULL_BUDGET = outcomes.COMPLETED
@@ -25,3 +26,22 @@ def rank_key(outcome: str, value: float, trial_id: str, mode: str) -> tuple:
     finite = isinstance(value, (int, float)) and math.isfinite(value)
     signed = (-value if mode == "max" else value) if finite else 0.0
     return outcome != FULL_BUDGET, not finite, signed, str(trial_id)
+
+
+PARETO_RULE = ("full-budget trials first, then by Pareto front of the objectives at the last epoch (non-dominated "
+               "first), within a front by crowding distance (larger first), then the smaller trial id")
+
+
+def pareto_ranked(entries: list, outcome, values, trial_id, modes: list[str]) -> list[tuple[object, int]]:
+    """Several objectives: `entries` best first by PARETO_RULE, each with its front number (1 = on the
+    Pareto front of its group). `outcome`, `values` and `trial_id` read an entry's outcome, objective
+    values (in the order of `modes`) and id."""
+    ranked = []
+    for full in (True, False):
+        group = [e for e in entries if (outcome(e) == FULL_BUDGET) == full]
+        points = [pareto.minimised([float(v) if isinstance(v, (int, float)) else math.nan for v in values(e)], modes)
+                  for e in group]
+        priorities = pareto.priority(points)
+        order = sorted(range(len(group)), key=lambda i: (priorities[i], str(trial_id(group[i]))))
+        ranked += [(group[i], priorities[i][0] + 1) for i in order]
+    return ranked

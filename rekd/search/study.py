@@ -22,10 +22,15 @@ from rekd.errors import UsageError
 # The repository's search_spaces/ next to the package; installed images point REKD_SEARCH_SPACES at theirs.
 SEARCH_SPACES = Path(os.environ.get("REKD_SEARCH_SPACES") or Path(__file__).resolve().parents[2] / "search_spaces")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "nsga2")
 MODES = ("max", "min")
-TOP_KEYS = ("study", "description", "metric", "mode", "fixed", "params", "sampler", "asha", "num_samples",
-            "max_concurrency", "resources", "smoke_test")
+TOP_KEYS = ("study", "description", "metric", "mode", "objectives", "fixed", "params", "sampler", "asha",
+            "num_samples", "max_concurrency", "resources", "smoke_test")
+# What a study may optimise: the per-epoch metrics every trial reports (rekd.train.loop), on the training
+# and validation splits only; the test split is for rekd.final alone.
+METRICS = ("val_acc", "train_acc", "train_loss", "energy_uj", "sops", "macs", "density", "connections",
+           "firing_rate")
+NSGA2_POPULATION = 8  # NSGA-II's generation size when the study does not say (Optuna's 50 is a whole study here)
 SMOKE_KEYS = ("num_samples", "epochs", "teacher_epochs", "max_concurrency")
 
 # --smoke-test runs are tracked in an experiment of their own, rekd-<study>-smoke, so that nothing that looks
@@ -52,6 +57,10 @@ class Study:
     params: tuple[Param, ...]
     sampler: str = "tpe"
     sampler_seed: int = 0
+    population_size: int = NSGA2_POPULATION  # nsga2 only
+    # Every objective as (metric, mode); the first is `metric`/`mode`. Two or more: a multi-objective study
+    # (multi-objective TPE or NSGA-II, MO-ASHA, a Pareto front); one: `metric`/`mode` as before.
+    objectives: tuple[tuple[str, str], ...] = ()
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
     num_samples: int = 16
@@ -61,6 +70,14 @@ class Study:
     cpu_fallback: bool = False  # a trial given a GPU that torch cannot use trains on CPUs instead of failing
     smoke_test: dict = field(default_factory=dict)
     description: str = ""
+
+    def __post_init__(self):
+        if not self.objectives:
+            object.__setattr__(self, "objectives", ((self.metric, self.mode),))
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def epochs(self) -> int:
@@ -110,9 +127,10 @@ def load_study(name_or_path: str) -> Study:
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise fail(unknown[0], f"unknown key; allowed: {', '.join(TOP_KEYS)}")
-    for key in ("metric", "fixed", "params"):
+    for key in ("fixed", "params"):
         if key not in raw:
-            raise fail(key, "missing; every study states its metric, fixed settings and params")
+            raise fail(key, "missing; every study states its metric (or objectives), fixed settings and params")
+    objectives = parse_objectives(raw, fail)
     fixed = expect(raw["fixed"], dict, "fixed", fail, "a mapping of TrainConfig settings")
     try:
         TrainConfig.from_dict(fixed, source="fixed")
@@ -126,7 +144,9 @@ def load_study(name_or_path: str) -> Study:
     asha = expect(raw.get("asha", {}), dict, "asha", fail, "a mapping with grace_period and reduction_factor")
     resources = expect(raw.get("resources", {}), dict, "resources", fail, "a mapping with cpu and gpu")
     smoke = expect(raw.get("smoke_test", {}), dict, "smoke_test", fail, f"a mapping of {', '.join(SMOKE_KEYS)}")
-    for block, value, allowed in (("sampler", sampler, ("type", "seed")),
+    if "population_size" in sampler and sampler.get("type") != "nsga2":
+        raise fail("sampler.population_size", "only for type: nsga2")
+    for block, value, allowed in (("sampler", sampler, ("type", "seed", "population_size")),
                                   ("asha", asha, ("grace_period", "reduction_factor")),
                                   ("resources", resources, ("cpu", "gpu", "cpu_fallback")),
                                   ("smoke_test", smoke, SMOKE_KEYS)):
@@ -136,12 +156,15 @@ def load_study(name_or_path: str) -> Study:
     study = Study(
         name=expect(raw.get("study", path.stem), str, "study", fail, "a string"),
         path=path,
-        metric=expect(raw["metric"], str, "metric", fail, "a metric name such as val_acc"),
-        mode=choice(raw.get("mode", "max"), MODES, "mode", fail),
+        metric=objectives[0][0],
+        mode=objectives[0][1],
+        objectives=objectives,
         fixed=fixed,
         params=params,
         sampler=choice(sampler.get("type", "tpe"), SAMPLERS, "sampler.type", fail),
         sampler_seed=integer(sampler.get("seed", 0), "sampler.seed", fail, minimum=0),
+        population_size=integer(sampler.get("population_size", NSGA2_POPULATION), "sampler.population_size", fail,
+                                minimum=2),
         grace_period=integer(asha.get("grace_period", 1), "asha.grace_period", fail, minimum=1),
         reduction_factor=integer(asha.get("reduction_factor", 2), "asha.reduction_factor", fail, minimum=2),
         num_samples=integer(raw.get("num_samples", 16), "num_samples", fail, minimum=1),
@@ -155,6 +178,39 @@ def load_study(name_or_path: str) -> Study:
     )
     check_consistency(study, fail)
     return study
+
+
+def parse_objectives(raw: Mapping, fail) -> tuple[tuple[str, str], ...]:
+    """`metric` and `mode` (one objective), or `objectives`: a list of two or more {metric, mode}."""
+    if "objectives" not in raw:
+        if "metric" not in raw:
+            raise fail("metric", "missing; every study states its metric (or objectives), fixed settings and params")
+        metric = expect(raw["metric"], str, "metric", fail, f"a per-epoch metric: {', '.join(METRICS)}")
+        if metric not in METRICS:
+            raise fail("metric", f"{metric!r} is not a per-epoch metric; allowed: {', '.join(METRICS)}")
+        return ((metric, choice(raw.get("mode", "max"), MODES, "mode", fail)),)
+    for key in ("metric", "mode"):
+        if key in raw:
+            raise fail(key, "given with objectives; a study has either metric/mode or objectives")
+    items = expect(raw["objectives"], list, "objectives", fail, "a list of {metric, mode}, two or more")
+    if len(items) < 2:
+        raise fail("objectives", f"{len(items)} objective(s); allowed: two or more (one objective is written "
+                                 "as metric: and mode:)")
+    out = []
+    for i, item in enumerate(items):
+        key = f"objectives[{i}]"
+        item = expect(item, dict, key, fail, "a mapping {metric: NAME, mode: max|min}")
+        extra = sorted(set(item) - {"metric", "mode"})
+        if extra or "metric" not in item or "mode" not in item:
+            raise fail(f"{key}.{extra[0]}" if extra else key,
+                       ("unknown key" if extra else "needs both metric and mode") + "; allowed: metric, mode")
+        metric = item["metric"]
+        if metric not in METRICS:
+            raise fail(f"{key}.metric", f"{metric!r} is not a per-epoch metric; allowed: {', '.join(METRICS)}")
+        if metric in (m for m, _ in out):
+            raise fail(f"{key}.metric", f"{metric!r} is already an objective; each metric once")
+        out.append((metric, choice(item["mode"], MODES, f"{key}.mode", fail)))
+    return tuple(out)
 
 
 def check_consistency(study: Study, fail=None) -> None:
