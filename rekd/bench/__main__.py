@@ -1,8 +1,8 @@
 """`python -m rekd.bench`: the cost of every layer of rekd, measured side by side as ratios (rekd.bench.rows).
 
 Absolute times on shared machines are noise; ratios of two things measured in the same run are not.
-Groups: snn, compile, kd, data, harness (rekd.bench.cpu), search (rekd.bench.search_efficiency), gpu
-(rekd.bench.gpu, only where CUDA is present).
+Groups: snn, compile, kd, data, harness (rekd.bench.cpu), search (rekd.bench.search_efficiency), pareto
+(rekd.bench.pareto_efficiency), gpu (rekd.bench.gpu, only where CUDA is present).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Measure rekd's costs as ratios and compare them with their targets.")
     p.add_argument("--quick", action="store_true", help="a reduced set in a few minutes")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--only", choices=("snn", "compile", "kd", "data", "harness", "search", "gpu"), action="append",
-                   help="run only these groups (repeatable); gpu runs only where CUDA is present")
+    p.add_argument("--only", choices=("snn", "compile", "kd", "data", "harness", "search", "pareto", "gpu"),
+                   action="append", help="run only these groups (repeatable); gpu runs only where CUDA is present")
     return p
 
 
@@ -35,10 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    from rekd.bench.pareto_efficiency import pareto_efficiency
     from rekd.bench.search_efficiency import search_efficiency
 
     args = build_parser().parse_args(argv)
-    groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "gpu"]
+    groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "pareto", "gpu"]
     rows: list[Row] = []
     if "snn" in groups:
         rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
@@ -53,6 +54,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         rows += [harness_overhead(args.quick, concurrency) for concurrency in (os.cpu_count() or 1, 1)]
     if "search" in groups:
         rows += search_efficiency(args.quick)
+    if "pareto" in groups:
+        rows += pareto_efficiency(args.quick)
     if "gpu" in groups and torch.cuda.is_available():
         from rekd.bench.gpu import gpu_rows
         rows += gpu_rows(args.quick)
