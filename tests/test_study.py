@@ -88,6 +88,7 @@ BAD = [
     ("objectives beside metric", replace(GOOD, "mode: max\n", MO), "metric: given with objectives; a study has either metric/mode or objectives"),
     ("objective without mode", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace(", mode: min", "")), "objectives[1]: needs both metric and mode; allowed: metric, mode"),
     ("objective twice", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace("energy_uj", "val_acc")), "objectives[1].metric: 'val_acc' is already an objective"),
+    ("early_stopping not a bool", GOOD + "early_stopping: sometimes\n", "early_stopping: 'sometimes' has the wrong type; allowed: true or false"),
     ("population without nsga2", replace(GOOD, "type: tpe, seed: 0", "type: tpe, seed: 0, population_size: 8"), "sampler.population_size: only for type: nsga2"),
 ]
 
@@ -184,3 +185,10 @@ def test_a_command_run_by_an_interpreter_without_rekds_dependencies_says_to_use_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "lacks rekd's dependencies (torch" in line and ".venv/bin/python" in line
+
+
+def test_early_stopping_follows_the_study_unless_a_flag_says_otherwise(tmp_path):
+    from rekd.search.plan import make_plan
+    assert not load_study("pareto").early_stopping and load_study("sparse_kd").early_stopping
+    assert make_plan("pareto", early_stopping="on", storage_path=str(tmp_path)).study.early_stopping
+    assert not make_plan("sparse_kd", early_stopping="off", storage_path=str(tmp_path)).study.early_stopping

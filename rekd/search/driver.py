@@ -54,7 +54,7 @@ def parent_params(plan: SearchPlan) -> list[Param]:
         "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
         "objectives": ",".join(f"{metric}:{mode}" for metric, mode in s.objectives),
         **({"sampler.population_size": s.population_size} if s.sampler == "nsga2" else {}),
-        "scheduler": "mo-asha" if s.multi_objective else "asha",
+        "scheduler": ("mo-asha" if s.multi_objective else "asha") if s.early_stopping else "none",
         "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,
         "num_samples": s.num_samples, "max_concurrency": s.max_concurrency,
         "resources.cpu": s.cpus, "resources.gpu": s.gpus, "resources.cpu_fallback": s.cpu_fallback,
@@ -128,7 +128,8 @@ def prepare(plan: SearchPlan, data: DataSplits) -> tuple[dict, Optional[dict]]:
     resources, note = trial_resources(plan, ray.cluster_resources().get("GPU", 0), fixed_cluster())
     print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
           f"{study.max_concurrency} at once, {resources} each; searching "
-          f"{', '.join(p.name for p in study.params)}", flush=True)
+          f"{', '.join(p.name for p in study.params)} for {' and '.join(f'{m} ({mode})' for m, mode in study.objectives)}; "
+          f"{'early stopping at rungs' if study.early_stopping else 'no early stopping'}", flush=True)
     if note:
         print(note, flush=True)
     teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"]) \
@@ -206,12 +207,15 @@ class Search:
     def fresh_tuner(self, data: DataSplits, teacher, resources: dict):
         from ray import tune
         from ray.tune.logger import JsonLoggerCallback
+        from ray.tune.schedulers import FIFOScheduler
         from ray.tune.search import ConcurrencyLimiter
 
         plan, study = self.plan, self.plan.study
         searcher = ConcurrencyLimiter(make_searcher(study, self.optuna_url, plan.name, stock=plan.stock_optuna),
                                       max_concurrent=study.max_concurrency)
-        if study.multi_objective:
+        if not study.early_stopping:  # Tune's default: every trial runs its budget
+            scheduler = FIFOScheduler()
+        elif study.multi_objective:
             scheduler = MultiObjectiveASHA(study.objectives, max_t=study.epochs, grace_period=study.grace_period,
                                            reduction_factor=study.reduction_factor)
         else:

@@ -91,7 +91,9 @@ class MultiObjectiveASHA(FIFOScheduler):
         if self.time_attr not in result or point is None:
             return TrialScheduler.CONTINUE
         iteration = int(result[self.time_attr])
-        action = TrialScheduler.STOP if iteration >= self.max_t else self.decide(trial.trial_id, iteration, point)
+        if iteration >= self.max_t:  # the trial's whole budget: it ends, and was not stopped early
+            return TrialScheduler.STOP
+        action = self.decide(trial.trial_id, iteration, point)
         if action == TrialScheduler.STOP:
             self.stopped += 1
         return action

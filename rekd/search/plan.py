@@ -69,6 +69,8 @@ def build_parser() -> Parser:
                    help="also show what Ray, Tune, MLflow and Optuna log (always kept in <local-path>/<name>/driver.log)")
     p.add_argument("--cpu-only", action="store_true",
                    help="run trials (and the teacher) on CPUs, even where the cluster has or can start GPU nodes")
+    p.add_argument("--early-stopping", choices=("on", "off"),
+                   help="stop trials at ASHA's rungs (MO-ASHA's with several objectives) or not; default: the study's")
     p.add_argument("--stock-optuna", action="store_true",
                    help="record ASHA-stopped trials as Ray's OptunaSearch does (COMPLETE), for comparison")
     return p
@@ -170,6 +172,8 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
             if value < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} is not allowed; allowed: an integer >= 1")
             overrides[flag] = value
+    if args.early_stopping is not None:
+        overrides["early_stopping"] = args.early_stopping == "on"
     study = study.with_overrides(params=searched, fixed=fixed, **overrides)
     if args.stock_optuna and study.multi_objective:
         raise UsageError(f"--stock-optuna compares single-objective searches; study {study.name} has "

@@ -121,9 +121,10 @@ class Summary:
             print(f"best config ({self.best.outcome}, {metric}={self.best.value:.4f}): {settings}")
         ended = sum(v for k, v in self.counts.items() if k != "interrupted")
         if ended:
+            saved = f"early stopping saved {self.epochs_saved} ({self.epochs_saved / max(self.epochs_budget, 1):.0%})" \
+                if study.early_stopping else f"no early stopping (failures saved {self.epochs_saved})"
             print(f"{ended} trials ended after {self.epochs_budget - self.epochs_saved} of the {self.epochs_budget} "
-                  f"epochs they would have run at full length: early stopping saved {self.epochs_saved} "
-                  f"({self.epochs_saved / max(self.epochs_budget, 1):.0%})")
+                  f"epochs they would have run at full length: {saved}")
         for warning in self.warnings:
             print(f"warning: {warning}")
         print(f"results: {plan.folder} (what Ray, MLflow and Optuna logged: driver.log)")

@@ -25,7 +25,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SAMPLERS = ("tpe", "random", "nsga2")
 MODES = ("max", "min")
 TOP_KEYS = ("study", "description", "metric", "mode", "objectives", "fixed", "params", "sampler", "asha",
-            "num_samples", "max_concurrency", "resources", "smoke_test")
+            "early_stopping", "num_samples", "max_concurrency", "resources", "smoke_test")
 # What a study may optimise: the per-epoch metrics every trial reports (rekd.train.loop), on the training
 # and validation splits only; the test split is for rekd.final alone.
 METRICS = ("val_acc", "train_acc", "train_loss", "energy_uj", "sops", "macs", "density", "connections",
@@ -61,6 +61,7 @@ class Study:
     # Every objective as (metric, mode); the first is `metric`/`mode`. Two or more: a multi-objective study
     # (multi-objective TPE or NSGA-II, MO-ASHA, a Pareto front); one: `metric`/`mode` as before.
     objectives: tuple[tuple[str, str], ...] = ()
+    early_stopping: bool = True  # ASHA (MO-ASHA with several objectives) stops trials at rungs; false: every trial runs its budget
     grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: keep the top 1/reduction_factor at each rung
     num_samples: int = 16
@@ -165,6 +166,7 @@ def load_study(name_or_path: str) -> Study:
         sampler_seed=integer(sampler.get("seed", 0), "sampler.seed", fail, minimum=0),
         population_size=integer(sampler.get("population_size", NSGA2_POPULATION), "sampler.population_size", fail,
                                 minimum=2),
+        early_stopping=expect(raw.get("early_stopping", True), bool, "early_stopping", fail, "true or false"),
         grace_period=integer(asha.get("grace_period", 1), "asha.grace_period", fail, minimum=1),
         reduction_factor=integer(asha.get("reduction_factor", 2), "asha.reduction_factor", fail, minimum=2),
         num_samples=integer(raw.get("num_samples", 16), "num_samples", fail, minimum=1),
