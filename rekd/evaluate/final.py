@@ -7,6 +7,10 @@ mean +- std per config and the improvement over the baseline paired by seed, and
 MLflow under one parent run, through the queued writer (rekd.tracking.writer): an unreachable tracking
 server never stops the runs; what it never received is named in a warning at the end, and the results
 are in the --out files all the same.
+
+A file with several objectives (a Pareto front from `rekd.best --pareto`) also gets each objective's final
+counterpart per config, mean +- std over seeds, and whether the config stays non-dominated among the file's
+configs once its seeds are averaged: a front picked on one seed's validation values may not hold.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from rekd.cli import Parser, run
 from rekd.config import TrainConfig, read_settings_file
 from rekd.errors import UsageError
 from rekd.evaluate.structure_table import COSTS
+from rekd.search import pareto
+from rekd.search.ranking import MODES
+from rekd.search.study import METRICS
 from rekd.stats import mean_std, paired
 from rekd.snn.teachers import cpu_weights, dense_baseline, store_teacher
 from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
@@ -32,6 +39,11 @@ from rekd.tracking.links import ui_hint
 
 PROG = "python -m rekd.final"
 CHILD_ROLE = "final_run"
+# An objective's value in a final run: accuracy is scored on the test split (tuning only saw validation);
+# every other objective is the run's last-epoch value as train() reports it.
+FINAL_COUNTERPART = {"val_acc": "test_acc"}
+PERCENT = ("test_acc", "train_acc", "density")  # fractions, shown in percent as the costs table does
+COUNTS = ("sops", "macs", "connections")
 
 
 def build_parser() -> Parser:
@@ -60,6 +72,27 @@ def load_configs(path: str, epochs: Optional[int]) -> tuple[dict, list[TrainConf
     return document, out
 
 
+def load_objectives(path: str, document: dict) -> list[tuple[str, str]]:
+    """The file's `objectives` as (metric, mode) pairs; empty unless there are two or more (one objective is
+    the single-objective report, unchanged)."""
+    items = document.get("objectives")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise UsageError(f"{path}: objectives: expected a list of {{metric, mode}}, as rekd.best writes it")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or item.get("metric") not in METRICS or item.get("mode") not in MODES:
+            raise UsageError(f"{path}: objectives[{i}]: {item!r} is not allowed; allowed: {{metric: one of "
+                             f"{', '.join(METRICS)}, mode: {' or '.join(MODES)}}}")
+        out.append((item["metric"], item["mode"]))
+    return out if len(out) > 1 else []
+
+
+def counterpart(metric: str) -> str:
+    return FINAL_COUNTERPART.get(metric, metric)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(_main, PROG, argv)
 
@@ -71,6 +104,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs} is not allowed; allowed: an integer >= 1")
     document, configs = load_configs(args.best, args.epochs)
+    objectives = load_objectives(args.best, document)
     # The dense baseline (also the teacher of sparse_kd configs), whatever students the configs train.
     baseline = dense_baseline(configs[0])
     uri = check_tracking_uri(*tracking_uri_of(args, document))
@@ -85,11 +119,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     labels = ["baseline"] + [f"#{i + 1} {c.mode}" for i, c in enumerate(configs)]
     scores: dict[str, list[float]] = {label: [] for label in labels}
     costs: dict[str, list[dict]] = {label: [] for label in labels}  # what each student costs, per seed
+    finals: dict[str, list[dict]] = {label: [] for label in labels}  # the objectives' counterparts, per seed
     seeds = list(range(args.seeds))
 
     def record(label: str, result) -> None:
         scores[label].append(result.final["test_acc"])
         costs[label].append({k: result.final[k] for k in COSTS})
+        finals[label].append({counterpart(m): result.final[counterpart(m)] for m, _ in objectives})
 
     try:
         for seed in seeds:
@@ -106,18 +142,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         warn_unlogged(writer, writer.close(timeout=FAILED_GRACE_S))
         raise
     table = report(labels, configs, scores, costs, seeds, document)
+    results = {"seeds": seeds, "test_acc": scores, "costs": costs}
+    points = front_points(labels[1:], objectives, finals, document)
+    if objectives:
+        table += "\n\n" + objectives_report(points, objectives, seeds)
+        results["objectives"] = [{"metric": m, "mode": mode, "final": counterpart(m)} for m, mode in objectives]
+        results["points"] = points
     files = [out_dir / f"{name}.md", out_dir / f"{name}.json"]
     files[0].write_text(table + "\n")
-    files[1].write_text(json.dumps({"seeds": seeds, "test_acc": scores, "costs": costs}, indent=2))
-    summary = {}
-    for label in labels:
-        mean, std = mean_std(scores[label])
-        key = label.replace("#", "config").replace(" ", "_")
-        summary[f"{key}/test_acc_mean"], summary[f"{key}/test_acc_std"] = mean, std
-        for cost in COSTS:
-            summary[f"{key}/{cost}_mean"] = mean_std([c[cost] for c in costs[label]])[0]
-        if label != "baseline":
-            summary[f"{key}/improvement_mean"] = paired(scores[label], scores["baseline"])[0]
+    files[1].write_text(json.dumps(results, indent=2))
+    summary = summary_metrics(labels, scores, costs, points, objectives)
     writer.log(None, metrics=[Metric(k, v, 0, 0) for k, v in summary.items()])
     for path in files:
         writer.log_artifact(None, str(path), artifact_path="final")
@@ -129,6 +163,27 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     warn_unlogged(writer, unsent, " and ".join(map(str, files)))
     writer.raise_if_crashed()
     return 0
+
+
+def summary_metrics(labels: list[str], scores: dict, costs: dict, points: dict,
+                    objectives: list[tuple[str, str]]) -> dict[str, float]:
+    """The tables as metrics of the final parent run, under `<config>/`: test accuracy, costs, improvement,
+    and with several objectives each one's mean and std and whether the config is non-dominated."""
+    summary = {}
+    for label in labels:
+        mean, std = mean_std(scores[label])
+        key = label.replace("#", "config").replace(" ", "_")
+        summary[f"{key}/test_acc_mean"], summary[f"{key}/test_acc_std"] = mean, std
+        for cost in COSTS:
+            summary[f"{key}/{cost}_mean"] = mean_std([c[cost] for c in costs[label]])[0]
+        if label != "baseline":
+            summary[f"{key}/improvement_mean"] = paired(scores[label], scores["baseline"])[0]
+        if label in points:
+            for metric in (counterpart(m) for m, _ in objectives):
+                stats = points[label][metric]
+                summary[f"{key}/{metric}_mean"], summary[f"{key}/{metric}_std"] = stats["mean"], stats["std"]
+            summary[f"{key}/non_dominated"] = float(points[label]["non_dominated"])
+    return summary
 
 
 def tracking_uri_of(args, document: dict) -> tuple[str, str]:
@@ -166,7 +221,8 @@ def report(labels: list[str], configs: list[TrainConfig], scores: dict, costs: d
            document: dict) -> str:
     searched = document.get("searched") or []
     lines = [f"Test accuracy over seeds {seeds} (mean ± std); improvement over the baseline paired by seed; what "
-             "each student costs on the test split: conv density, SOPs and energy per sample (live synapses only).",
+             "each student costs at its last epoch: conv density, and SOPs and energy per sample over the validation "
+             "split (live synapses only).",
              "", "| config | settings | test acc | improvement | density | SOPs | energy (µJ) |",
              "|---|---|---|---|---|---|---|"]
     for label, cfg in zip(labels, [None] + configs):
@@ -181,4 +237,50 @@ def report(labels: list[str], configs: list[TrainConfig], scores: dict, costs: d
         cost = {k: mean_std([c[k] for c in costs[label]])[0] for k in COSTS}
         lines.append(f"| {label} | {settings} | {100 * mean:.2f} ± {100 * std:.2f} % | {gain} | "
                      f"{100 * cost['density']:.1f} % | {cost['sops']:,.0f} | {cost['energy_uj']:.3f} |")
+    return "\n".join(lines)
+
+
+def front_points(labels: list[str], objectives: list[tuple[str, str]], finals: dict, document: dict) -> dict:
+    """Per config: its trial, each objective's counterpart over seeds ({mean, std, values}) and whether its
+    means are non-dominated among the configs' means. Empty without objectives."""
+    if not objectives:
+        return {}
+    entries = document.get("configs") or []
+    points = {}
+    for i, label in enumerate(labels):
+        points[label] = {"trial_id": entries[i].get("trial_id") if i < len(entries) else None}
+        for metric, _ in objectives:
+            values = [seed[counterpart(metric)] for seed in finals[label]]
+            mean, std = mean_std(values)
+            points[label][counterpart(metric)] = {"mean": mean, "std": std, "values": values}
+    means = [pareto.minimised([points[label][counterpart(m)]["mean"] for m, _ in objectives],
+                              [mode for _, mode in objectives]) for label in labels]
+    front = set(pareto.pareto_front(means))  # a NaN mean is never on it
+    for i, label in enumerate(labels):
+        points[label]["non_dominated"] = i in front
+    return points
+
+
+def _pm(metric: str, mean: float, std: float) -> str:
+    if metric in PERCENT:
+        return f"{100 * mean:.2f} ± {100 * std:.2f} %"
+    if metric in COUNTS:
+        return f"{mean:,.0f} ± {std:,.0f}"
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def objectives_report(points: dict, objectives: list[tuple[str, str]], seeds: list[int]) -> str:
+    """The second table of a file with several objectives: one row per config."""
+    finals = [counterpart(m) for m, _ in objectives]
+    renamed = [f"{m} as {counterpart(m)}" for m, _ in objectives if counterpart(m) != m]
+    lines = [f"The search's objectives in the final runs, mean ± std over seeds {seeds}: "
+             + (f"{', '.join(renamed)}, scored on the test split; the others as " if renamed else "")
+             + "each run's last-epoch value (SOPs, MACs, energy and firing rate over the validation split). "
+             "Non-dominated: the config stays on the Pareto front of the file's configs by these means.",
+             "", "| config | trial | " + " | ".join(f"{f} ({mode})" for f, (_, mode) in zip(finals, objectives))
+             + " | non-dominated |", "|---|---|" + "---|" * len(finals) + "---|"]
+    for label, point in points.items():
+        cells = [_pm(f, point[f]["mean"], point[f]["std"]) for f in finals]
+        lines.append(f"| {label} | {point['trial_id'] or ''} | " + " | ".join(cells)
+                     + f" | {'yes' if point['non_dominated'] else 'no'} |")
     return "\n".join(lines)
