@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from rekd.train.__main__ import main
+from usage import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_main(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_command(main, argv, capsys)
 
 
 BAD_INPUTS = [

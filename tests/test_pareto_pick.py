@@ -19,7 +19,7 @@ from rekd.evaluate.final import main as final_main
 from rekd.search.pareto import dominates
 from rekd.search.ranking import PARETO_RULE, RULE
 from rekd.tracking.runs import flat_params
-from usage import assert_usage_error
+from usage import assert_usage_error, run_command
 
 EXPERIMENT = "rekd-sparse_kd"
 TWO = "val_acc:max,energy_uj:min"
@@ -61,12 +61,7 @@ def make_search(tmp_path, trials, objectives=TWO, cache_dir=None) -> str:
 
 def best(argv, capsys):
     capsys.readouterr()  # what MLflow said while the store was made is not the command's output
-    try:
-        code = best_main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_command(best_main, argv, capsys)
 
 
 def test_pareto_writes_exactly_the_full_budget_front_in_the_pareto_rule_order(tmp_path, capsys):

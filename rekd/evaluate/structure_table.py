@@ -2,8 +2,8 @@
 
 One row per student (rekd.evaluate.reproduce_plan.structure_variants): its test accuracy (mean +- std over
 seeds), the difference to the dense baseline paired by seed with its 95% Student-t interval (rekd.stats),
-and what it costs: conv density, live synapses, SOPs and energy per sample on the test split's last
-evaluation (rekd.snn.energy counts live synapses only). Scores are fractions in the records, percent here.
+and what it costs: conv density, live synapses, SOPs and energy per sample in its last epoch's validation pass
+(rekd.snn.energy counts live synapses only). Scores are fractions in the records, percent here.
 """
 from __future__ import annotations
 
