@@ -1,4 +1,5 @@
-"""The search driver: one Tuner with OptunaSearch behind a ConcurrencyLimiter and ASHA over epochs.
+"""The search driver: one Tuner with an Optuna searcher behind a ConcurrencyLimiter and ASHA over epochs (MO-ASHA
+with several objectives; none when the study turns early stopping off).
 
 Called by `python -m rekd.search` (rekd/search/__main__.py) once the plan is checked, or with a plan from
 rekd.search.plan.make_plan. The MLflow parent run is created here, before any trial
