@@ -145,7 +145,7 @@ def test_studies_load_and_validate_without_importing_ray():
     import subprocess
     import sys
     code = ("import sys; from rekd.search.study import load_study; "
-            "[load_study(n).smoke() for n in ('sparse_kd', 'default_kd', 'baseline')]; "
+            "[load_study(n).smoke() for n in ('sparse_kd', 'default_kd', 'baseline', 'pareto')]; "
             "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
