@@ -90,3 +90,16 @@ def test_bounds_put_the_reference_a_tenth_of_the_range_past_the_worst_point():
     assert ideal == (1, 10) and reference == pytest.approx((3.2, 21))
     ideal, reference = pareto.bounds([(2, 5)])  # one point: a box that still has room
     assert ideal == (2, 5) and reference[0] > 2 and reference[1] > 5
+
+
+def test_the_hypervolume_curve_has_one_step_per_completed_trial_even_when_two_trials_tie():
+    from types import SimpleNamespace
+
+    from rekd.search.front import make_front
+    rows = [SimpleNamespace(trial_id=t, outcome="completed", values={"val_acc": a, "energy_uj": e}, epochs=2,
+                            settings={}) for t, a, e in (("a", 0.9, 1.0), ("b", 0.9, 1.0), ("c", 0.8, 0.5))]
+    events = [(1, "a", 1), (2, "a", 2), (3, "b", 1), (4, "b", 2), (5, "c", 1), (6, "c", 2)]
+    front = make_front([("val_acc", "max"), ("energy_uj", "min")], rows, events)
+    assert [r.trial_id for r in front.points] == ["a", "b", "c"]
+    assert [step for step, _ in front.curve] == [2, 4, 6]
+    assert front.curve[0][1] == front.curve[1][1] < front.curve[2][1]

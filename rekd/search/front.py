@@ -55,22 +55,21 @@ def make_front(objectives: Sequence[tuple[str, str]], rows: list, events: list[t
     objectives = list(objectives)
     modes = [mode for _, mode in objectives]
     ranked = pareto_ranked(rows, lambda r: r.outcome, lambda r: values(r, objectives), lambda r: r.trial_id, modes)
-    points = [r for r, number in ranked if number == 1 and r.outcome == outcomes.COMPLETED
-              and pareto.finite(values(r, objectives))]
-    front = Front(objectives, ranked, points)
+    # The candidates: full budget, every objective finite (with no finite point at all, NaN ones make front 1)
     complete = {r.trial_id: pareto.minimised(values(r, objectives), modes) for r in rows
                 if r.outcome == outcomes.COMPLETED and pareto.finite(values(r, objectives))}
+    front = Front(objectives, ranked, [r for r, number in ranked if number == 1 and r.trial_id in complete])
     if not complete:
         return front
     ideal, reference = pareto.bounds(list(complete.values()), MARGIN)
     front.ideal, front.reference = (pareto.minimised(p, modes) for p in (ideal, reference))  # back to own units
     budget = {r.trial_id: r.epochs for r in rows}
-    spent, seen = 0, []
+    spent, seen = 0, {}  # trial id -> its point, in the order the trials completed
     for _, trial_id, epoch in sorted(events):
         spent += 1
-        if trial_id in complete and epoch >= budget[trial_id] and complete[trial_id] not in seen:
-            seen.append(complete[trial_id])
-            front.curve.append((spent, pareto.normalized_hypervolume(seen, ideal, reference)))
+        if trial_id in complete and epoch >= budget[trial_id] and trial_id not in seen:
+            seen[trial_id] = complete[trial_id]
+            front.curve.append((spent, pareto.normalized_hypervolume(list(seen.values()), ideal, reference)))
     if len(seen) < len(complete):  # trials whose reports were not read back: counted at the end
         spent = max(spent, sum(budget.values()))
         front.curve.append((spent, pareto.normalized_hypervolume(list(complete.values()), ideal, reference)))
