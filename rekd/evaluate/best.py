@@ -20,6 +20,7 @@ from rekd.cli import Parser, python_command, run
 from rekd.config import FIELD_TYPES, TrainConfig, parse_value
 from rekd.errors import UsageError
 from rekd.search.ranking import MODES, PARETO_RULE, RULE, pareto_ranked, rank_key
+from rekd.search.study import parse_objectives_text
 from rekd.tracking import outcomes
 
 PROG = "python -m rekd.best"
@@ -76,13 +77,10 @@ def objectives_of(parent) -> list[tuple[str, str]]:
     made before there could be several has only `metric` and `mode`."""
     params = parent.data.params
     text = params.get("objectives") or f"{params.get('metric', 'val_acc')}:{params.get('mode', 'max')}"
-    pairs = []
-    for item in text.split(","):
-        metric, _, mode = item.strip().rpartition(":")
-        if not metric or mode not in MODES:
-            raise UsageError(f"search run {parent.info.run_id}: param objectives={text!r} is not a list of metric:mode "
-                             f"pairs (mode {' or '.join(MODES)}), as rekd.search writes it")
-        pairs.append((metric, mode))
+    pairs = parse_objectives_text(text)
+    if pairs is None:
+        raise UsageError(f"search run {parent.info.run_id}: param objectives={text!r} is not a list of metric:mode "
+                         f"pairs (mode {' or '.join(MODES)}), as rekd.search writes it")
     return pairs
 
 

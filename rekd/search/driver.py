@@ -23,6 +23,7 @@ from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray, stop_
 from rekd.config import TrainConfig
 from rekd.search.plan import PROG as PROG_NAME, SearchPlan, build_parser
 from rekd.search.report import summarize
+from rekd.search.study import objectives_text
 from rekd.tracking import outcomes
 from rekd.search.storage_watch import StorageWatch, storage_error
 from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
@@ -53,7 +54,7 @@ def parent_params(plan: SearchPlan) -> list[Param]:
     s = plan.study
     values = {
         "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
-        "objectives": ",".join(f"{metric}:{mode}" for metric, mode in s.objectives),
+        "objectives": objectives_text(s.objectives),
         **({"sampler.population_size": s.population_size} if s.sampler == "nsga2" else {}),
         "scheduler": ("mo-asha" if s.multi_objective else "asha") if s.early_stopping else "none",
         "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,

@@ -215,6 +215,22 @@ def parse_objectives(raw: Mapping, fail) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def objectives_text(objectives) -> str:
+    """Objectives as one MLflow param, `val_acc:max,energy_uj:min` (read back by parse_objectives_text)."""
+    return ",".join(f"{metric}:{mode}" for metric, mode in objectives)
+
+
+def parse_objectives_text(text: str) -> Optional[list[tuple[str, str]]]:
+    """The (metric, mode) pairs of objectives_text; None when the text is not in that form."""
+    pairs = []
+    for item in text.split(","):
+        metric, _, mode = item.strip().rpartition(":")
+        if not metric or mode not in MODES:
+            return None
+        pairs.append((metric, mode))
+    return pairs
+
+
 def check_consistency(study: Study, fail=None) -> None:
     """Checks that involve several keys; also run after command-line overrides."""
     fail = fail or (lambda key, message: UsageError(f"{study.path}: {key}: {message}"))
