@@ -2,7 +2,8 @@
 
 Absolute times on shared machines are noise; ratios of two things measured in the same run are not.
 Groups: snn, compile, kd, data, harness (rekd.bench.cpu), search (rekd.bench.search_efficiency), pareto
-(rekd.bench.pareto_efficiency), gpu (rekd.bench.gpu, only where CUDA is present).
+(rekd.bench.pareto_efficiency), tabular (rekd.bench.search_quality, on the shipped digits table), gpu
+(rekd.bench.gpu, only where CUDA is present).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Measure rekd's costs as ratios and compare them with their targets.")
     p.add_argument("--quick", action="store_true", help="a reduced set in a few minutes")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    p.add_argument("--only", choices=("snn", "compile", "kd", "data", "harness", "search", "pareto", "gpu"),
+    p.add_argument("--only", choices=("snn", "compile", "kd", "data", "harness", "search", "pareto", "tabular", "gpu"),
                    action="append", help="run only these groups (repeatable); gpu runs only where CUDA is present")
     return p
 
@@ -39,7 +40,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from rekd.bench.search_efficiency import search_efficiency
 
     args = build_parser().parse_args(argv)
-    groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "pareto", "gpu"]
+    groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "pareto", "tabular", "gpu"]
     rows: list[Row] = []
     if "snn" in groups:
         rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
@@ -56,6 +57,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         rows += search_efficiency(args.quick)
     if "pareto" in groups:
         rows += pareto_efficiency(args.quick)
+    if "tabular" in groups:
+        from rekd.bench.search_quality import tabular_rows
+        rows += tabular_rows(args.quick)
     if "gpu" in groups and torch.cuda.is_available():
         from rekd.bench.gpu import gpu_rows
         rows += gpu_rows(args.quick)

@@ -180,6 +180,15 @@ def read_runs(path: Path) -> dict[tuple[str, int, int], dict]:
     return runs
 
 
+def end_last_line(path: Path) -> None:
+    """A build killed while writing leaves its last line unfinished: end it, so the next run gets a line of its own."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def append_run(path: Path, run: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(run) + "\n")
@@ -194,6 +203,7 @@ def build(design: Design, work: Path, out: Path, progress=print) -> Path:
     design.check()
     check_work_dir(work, design)
     runs_path = work / "runs.jsonl"
+    end_last_line(runs_path)
     done = read_runs(runs_path)
     points = {mode: design.points(mode) for mode in MODES}
     todo = [k for k in design.keys() if k not in done]
