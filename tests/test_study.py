@@ -90,6 +90,8 @@ BAD = [
     ("objective twice", replace(GOOD, "metric: val_acc\nmode: max\n", MO.replace("energy_uj", "val_acc")), "objectives[1].metric: 'val_acc' is already an objective"),
     ("early_stopping not a bool", GOOD + "early_stopping: sometimes\n", "early_stopping: 'sometimes' has the wrong type; allowed: true or false"),
     ("population without nsga2", replace(GOOD, "type: tpe, seed: 0", "type: tpe, seed: 0, population_size: 8"), "sampler.population_size: only for type: nsga2"),
+    ("multivariate random", replace(GOOD, "type: tpe, seed: 0", "type: random, seed: 0, multivariate: true"), "sampler.multivariate: only for type: tpe"),
+    ("constant liar not a bool", replace(GOOD, "type: tpe, seed: 0", "type: tpe, seed: 0, constant_liar: maybe"), "sampler.constant_liar: 'maybe' has the wrong type; allowed: true or false"),
 ]
 
 
@@ -192,3 +194,23 @@ def test_early_stopping_follows_the_study_unless_a_flag_says_otherwise(tmp_path)
     assert not load_study("pareto").early_stopping and load_study("sparse_kd").early_stopping
     assert make_plan("pareto", early_stopping="on", storage_path=str(tmp_path)).study.early_stopping
     assert not make_plan("sparse_kd", early_stopping="off", storage_path=str(tmp_path)).study.early_stopping
+
+
+def test_tpe_options_reach_the_sampler(tmp_path, monkeypatch):
+    import warnings
+
+    import optuna
+
+    from rekd.search.optuna_searcher import make_sampler
+
+    path = tmp_path / "study.yaml"
+    path.write_text(replace(GOOD, "type: tpe, seed: 0", "type: tpe, seed: 3, multivariate: true, constant_liar: true"))
+    study = load_study(str(path))
+    assert study.multivariate and study.constant_liar
+    made = {}
+    real = optuna.samplers.TPESampler
+    monkeypatch.setattr(optuna.samplers, "TPESampler", lambda **kw: made.update(kw) or real(**kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's "experimental" warnings are not the user's news
+        make_sampler(study)
+    assert made == {"seed": 3, "multivariate": True, "constant_liar": True}

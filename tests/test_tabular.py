@@ -234,8 +234,20 @@ def test_a_killed_build_continues_where_it_stopped(tmp_path):
         assert [e["val_acc"] for e in table.curves[key]] == pytest.approx([e["val_acc"] for e in run["epochs"]], abs=1e-6)
 
 
-def test_the_exhaustive_floor_picks_by_validation_among_every_configuration(table_file):
+def test_the_exhaustive_reference_picks_by_validation_among_every_configuration(table_file):
     """Config 5's seed 1 has the best validation accuracy but not the best test accuracy; its seed 0 diverged."""
     replay = Replay(read_table(table_file), "default_kd")
-    floors = {round(replay.exhaustive_regret(seed), 6) for seed in range(20)}
-    assert floors == {0.0, round(replay.best - replay.quality[5], 6)}
+    regrets = {round(replay.exhaustive_regret(seed), 6) for seed in range(20)}
+    assert regrets == {0.0, round(replay.best - replay.quality[5], 6)}
+
+
+def test_the_shipped_studies_run_the_strategy_the_comparison_calls_rekds_default():
+    from rekd.bench.search_quality import BY_NAME, DEFAULT
+    from rekd.search.study import load_study
+
+    default = BY_NAME[DEFAULT]
+    for name in ("sparse_kd", "default_kd"):
+        study = load_study(name)
+        sampler = "tpe-multivariate" if study.multivariate else "tpe-liar" if study.constant_liar else study.sampler
+        assert (sampler, study.early_stopping, study.grace_period, study.reduction_factor) == (
+            default.sampler, default.stopping != "none", default.grace_period, default.reduction_factor), name

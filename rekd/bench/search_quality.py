@@ -53,6 +53,7 @@ class Outcome:
     strategy: str
     mode: str
     curves: list  # per seed: [(epochs spent, regret)]
+    val_curves: list  # per seed: [(epochs spent, validation regret)]
     trials: list  # per seed: how many trials it ran
     full: list  # per seed: how many of them ran the full budget
     budget: int
@@ -61,8 +62,11 @@ class Outcome:
     def regrets(self, spent: Optional[int] = None) -> list[float]:
         return [regret_at(c, self.budget if spent is None else spent, self.none) for c in self.curves]
 
-    def to_target(self) -> list[float]:
-        return [budget_to_reach(c, TARGET_REGRET) for c in self.curves]
+    def val_regrets(self) -> list[float]:
+        return [regret_at(c, self.budget, self.none) for c in self.val_curves]
+
+    def to_target(self, target: float = TARGET_REGRET) -> list[float]:
+        return [budget_to_reach(c, target) for c in self.curves]
 
 
 @lru_cache(maxsize=4)
@@ -78,7 +82,8 @@ def one(job: tuple) -> tuple:
     path, mode, name, seed, budget = job
     replay = replay_of(path, mode)
     result = replay.search(BY_NAME[name], seed, budget)
-    return result.curve, len(result.trials), sum(t.epochs == replay.max_t for t in result.trials)
+    return (result.curve, len(result.trials), sum(t.epochs == replay.max_t for t in result.trials),
+            result.val_curve)
 
 
 def compare(path: Path, modes: Sequence[str], strategies: Sequence[Strategy], seeds: int, budget: Optional[int],
@@ -103,8 +108,8 @@ def compare(path: Path, modes: Sequence[str], strategies: Sequence[Strategy], se
         for s in strategies:
             chunk = results[i:i + seeds]
             i += seeds
-            outcomes.append(Outcome(s.name, mode, [c for c, _, _ in chunk], [n for _, n, _ in chunk],
-                                    [f for _, _, f in chunk], budget, none))
+            outcomes.append(Outcome(s.name, mode, [r[0] for r in chunk], [r[3] for r in chunk],
+                                    [r[1] for r in chunk], [r[2] for r in chunk], budget, none))
     return outcomes
 
 
@@ -130,7 +135,7 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, draws: int = 2000
     return means[int((1 - level) / 2 * draws)], means[min(int((1 + level) / 2 * draws), draws - 1)]
 
 
-def summary_rows(outcomes: Sequence[Outcome]) -> list[dict]:
+def summary_rows(outcomes: Sequence[Outcome], target: float = TARGET_REGRET) -> list[dict]:
     """One row per strategy over all modes: the numbers of the README's table."""
     from rekd.stats import paired_ci
 
@@ -142,8 +147,10 @@ def summary_rows(outcomes: Sequence[Outcome]) -> list[dict]:
         mine = [o for o in outcomes if o.strategy == name]
         regrets = [r for o in mine for r in o.regrets()]
         halfway = [r for o in mine for r in o.regrets(o.budget // 2)]
-        needed = [n for o in mine for n in o.to_target()]
+        early = [r for o in mine for r in o.regrets(o.budget // 8)]
+        needed = [n for o in mine for n in o.to_target(target)]
         row = {"strategy": name, "regret": statistics.mean(regrets), "regret_half": statistics.mean(halfway),
+               "regret_eighth": statistics.mean(early), "val_regret": statistics.mean(r for o in mine for r in o.val_regrets()),
                "median_to_target": statistics.median(needed), "reached": sum(math.isfinite(n) for n in needed),
                "searches": len(needed), "rank": statistics.mean(rank_of[name]), "rank_ci": bootstrap_ci(rank_of[name]),
                "trials": statistics.mean(n for o in mine for n in o.trials),
@@ -154,19 +161,20 @@ def summary_rows(outcomes: Sequence[Outcome]) -> list[dict]:
     return rows
 
 
-def floor(path: Path, modes: Sequence[str], seeds: int) -> float:
+def exhaustive_regret(path: Path, modes: Sequence[str], seeds: int) -> float:
     """The mean regret of training every configuration and picking by validation (Replay.exhaustive_regret)."""
     return statistics.mean(replay_of(str(path), mode).exhaustive_regret(seed) for mode in modes for seed in range(seeds))
 
 
 def markdown(rows: Sequence[dict], budget: int, seeds: int, modes: Sequence[str], table_name: str,
-             exhaustive: Optional[float] = None) -> str:
+             exhaustive: Optional[float] = None, target: float = TARGET_REGRET) -> str:
     reference = next((r for r in rows if r["strategy"] == REFERENCE), None)
-    lines = [f"{table_name}, {', '.join(modes)}; {seeds} seeds per mode, {budget} epochs per search; target regret "
-             f"{TARGET_REGRET * 100:g} points", "",
-             "| strategy | regret at budget (points) | vs random, paired 95 % CI | at half budget | epochs to target "
-             "(median) | reached | rank (95 % CI) | trials (full budget) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"{table_name}, {', '.join(modes)}; {seeds} seeds per mode, {budget} epochs per search; regret in points "
+             f"of test accuracy; target regret {target * 100:g} points", "",
+             f"| strategy | regret at {budget // 8} epochs | at {budget // 2} | at {budget} | vs random at {budget}, paired "
+             f"95 % CI | validation regret at {budget} | epochs to target (median) | reached | rank at budget (95 % CI) | "
+             "trials (full budget) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["rank"]):
         vs = r.get("vs_random")
         vs_text = f"{vs[0] * 100:+.2f} [{vs[1] * 100:+.2f}, {vs[2] * 100:+.2f}]" if vs else "-"
@@ -175,19 +183,22 @@ def markdown(rows: Sequence[dict], budget: int, seeds: int, modes: Sequence[str]
         if reference and math.isfinite(to_target) and math.isfinite(reference["median_to_target"]):
             ratio = f" ({to_target / reference['median_to_target']:.2f}x random)"
         lines.append(
-            f"| {r['strategy']} | {r['regret'] * 100:.2f} | {vs_text} | {r['regret_half'] * 100:.2f} | "
+            f"| {r['strategy']} | {r['regret_eighth'] * 100:.2f} | {r['regret_half'] * 100:.2f} | {r['regret'] * 100:.2f} | "
+            f"{vs_text} | {r['val_regret'] * 100:.2f} | "
             f"{'not reached' if not math.isfinite(to_target) else f'{to_target:.0f}'}{ratio} | "
             f"{r['reached']}/{r['searches']} | {r['rank']:.1f} [{r['rank_ci'][0]:.1f}, {r['rank_ci'][1]:.1f}] | "
             f"{r['trials']:.0f} ({r['full']:.0f}) |")
     if exhaustive is not None:
         lines += ["", f"Every configuration of the table trained once and the best by validation taken: regret "
-                      f"{exhaustive * 100:.2f} points (mean over {seeds} draws of seeds per mode), the floor for "
-                      "any strategy that picks by validation."]
+                      f"{exhaustive * 100:.2f} points (mean over {seeds} draws of seeds per mode): what picking by "
+                      "validation costs when search is no limit."]
     return "\n".join(lines) + "\n"
 
 
-def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> None:
-    """Mean regret against epochs spent, one panel per mode, one line per strategy."""
+def plot(outcomes: Sequence[Outcome], path: Path, title: str, target: float = TARGET_REGRET,
+         exhaustive: Optional[float] = None) -> None:
+    """Mean regret against epochs spent (log scale, from one full trial's worth), one panel per mode, one line
+    per strategy; the target (grey) and the exhaustive search's regret (black) as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,14 +206,21 @@ def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> None:
 
     modes = list(dict.fromkeys(o.mode for o in outcomes))
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), squeeze=False, sharey=True)
+    top = 0.0
     for ax, mode in zip(axes[0], modes):
         for i, o in enumerate(o for o in outcomes if o.mode == mode):
-            steps = list(range(o.budget // 16, o.budget + 1, max(o.budget // 64, 1)))
+            first = o.budget // FULL_TRIALS  # one full trial's epochs
+            steps = sorted({round(first * (FULL_TRIALS ** (k / 63))) for k in range(64)})
             mean = [100 * statistics.mean(o.regrets(s)) for s in steps]
+            top = max(top, 3 * mean[-1])
             ax.plot(steps, mean, label=o.strategy, linestyle="-" if i < 10 else "--")
-        ax.axhline(100 * TARGET_REGRET, color="grey", linewidth=0.8, linestyle=":")
-        ax.set(title=f"{title}: {mode}", xlabel="epochs spent", ylabel="regret (test accuracy points)", yscale="log")
+        ax.axhline(100 * target, color="grey", linewidth=0.8, linestyle=":")
+        if exhaustive is not None:
+            ax.axhline(100 * exhaustive, color="black", linewidth=0.8, linestyle=":")
+        ax.set(title=f"{title}: {mode}", xlabel="epochs spent", xscale="log",
+               ylabel="regret (test accuracy points; no incumbent yet = off the top)")
         ax.grid(alpha=0.3)
+    axes[0][0].set_ylim(0, max(top, 2 * 100 * target))
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -218,18 +236,22 @@ def compare_command(args) -> int:
     strategies = [BY_NAME[s] for s in args.strategy] if args.strategy else STRATEGIES
     if args.seeds < 2:
         raise UsageError(f"--seeds {args.seeds} is not allowed; allowed: an integer >= 2 (intervals need two)")
+    if not 0 < args.target < 100:
+        raise UsageError(f"--target {args.target} is not allowed; allowed: 0 < points < 100")
     if args.budget is not None and args.budget < 1:
         raise UsageError(f"--budget {args.budget} is not allowed; allowed: an integer >= 1 (epochs)")
     workers = args.workers or os.cpu_count() or 1
     outcomes = compare(path, modes, strategies, args.seeds, args.budget, workers,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     budget = outcomes[0].budget
-    text = markdown(summary_rows(outcomes), budget, args.seeds, modes, path.name, floor(path, modes, args.seeds))
+    target = args.target / 100
+    exhaustive = exhaustive_regret(path, modes, args.seeds)
+    text = markdown(summary_rows(outcomes, target), budget, args.seeds, modes, path.name, exhaustive, target)
     print(text, end="")
     if args.markdown:
         Path(args.markdown).write_text(text)
     if args.plot:
-        plot(outcomes, Path(args.plot), path.name.split(".")[0])
+        plot(outcomes, Path(args.plot), path.name.split(".")[0], target, exhaustive)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 

@@ -58,6 +58,7 @@ class Design:
     epochs: int = 8
     arch: str = "tiny"
     batch_size: int = 32
+    val_fraction: float = 0.1  # of the training split, held out for validation (rekd's default)
     design_seed: int = 0  # seeds the Latin hypercube
 
     def check(self) -> "Design":
@@ -71,7 +72,8 @@ class Design:
                 ("configs", self.configs, self.configs >= 2, "an integer >= 2 (per mode)"),
                 ("seeds", self.seeds, self.seeds >= 1, "an integer >= 1"),
                 ("epochs", self.epochs, self.epochs >= 1, "an integer >= 1"),
-                ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")):
+                ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+                ("val_fraction", self.val_fraction, 0 < self.val_fraction < 1, "0 < val_fraction < 1")):
             if not ok:
                 raise UsageError(f"{name}={value!r} is not allowed; allowed: {allowed}")
         return self
@@ -91,8 +93,8 @@ class Design:
         from rekd.config import TrainConfig
 
         return TrainConfig(mode=mode, dataset=self.dataset, arch=self.arch, epochs=self.epochs,
-                           teacher_epochs=self.epochs, batch_size=self.batch_size, seed=seed, eval_test=True,
-                           device="cpu", **params)
+                           teacher_epochs=self.epochs, batch_size=self.batch_size, val_fraction=self.val_fraction,
+                           seed=seed, eval_test=True, device="cpu", **params)
 
     def keys(self) -> list[tuple[str, int, int]]:
         """Every run as (mode, config, seed), seed-major so that a partial build covers every config once."""
@@ -157,7 +159,7 @@ def check_work_dir(work: Path, design: Design) -> None:
     path = work / "design.json"
     wanted = dataclasses.asdict(design)
     if path.is_file():
-        found = json.loads(path.read_text())
+        found = {**dataclasses.asdict(Design()), **json.loads(path.read_text())}  # a key added since: its default
         if found != wanted:
             differ = ", ".join(f"{k}={found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v)
             raise UsageError(f"{work} holds a build of another design ({differ}); give the same settings to "
@@ -309,7 +311,13 @@ class Table:
 
     def final_test(self, mode: str, config: int) -> float:
         """The configuration's quality: its final test accuracy, averaged over the seeds."""
-        return sum(self.curves[(mode, config, s)][-1]["test_acc"] for s in range(self.design.seeds)) / self.design.seeds
+        return self.final_mean(mode, config, "test_acc")
+
+    def final_val(self, mode: str, config: int) -> float:
+        return self.final_mean(mode, config, "val_acc")
+
+    def final_mean(self, mode: str, config: int, metric: str) -> float:
+        return sum(self.curves[(mode, config, s)][-1][metric] for s in range(self.design.seeds)) / self.design.seeds
 
 
 def read_table(path: str | os.PathLike) -> Table:

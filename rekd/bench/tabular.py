@@ -26,6 +26,8 @@ def build_parser() -> Parser:
     b.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
     b.add_argument("--epochs", type=int, default=8, help="the full epoch budget of every run (default 8)")
     b.add_argument("--arch", default="tiny")
+    b.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training split held out for validation (default 0.1, rekd's)")
     b.add_argument("--work-dir", help="where the runs are recorded as they finish (default "
                    "rekd-results/tabular-DATASET); the same command continues a killed build")
     b.add_argument("--out", help="the table (default WORK_DIR/DATASET.csv.gz)")
@@ -36,6 +38,8 @@ def build_parser() -> Parser:
                    help="the modes to search (repeatable; default both)")
     c.add_argument("--seeds", type=int, default=20, help="searches per strategy (default 20)")
     c.add_argument("--budget", type=int, help="epochs per search (default 48 full-budget trials' worth)")
+    c.add_argument("--target", type=float, default=0.5,
+                   help="the target regret in points of test accuracy (default 0.5)")
     c.add_argument("--strategy", action="append", help="only these strategies (repeatable; default all)")
     c.add_argument("--plot", help="also plot regret against epochs spent to this PNG")
     c.add_argument("--markdown", help="also write the comparison as a Markdown table to this file")
@@ -54,7 +58,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
         configs = args.configs if args.configs is not None else DEFAULT_CONFIGS.get(args.dataset, 48)
         design = Design(dataset=args.dataset, configs=configs, seeds=args.seeds, epochs=args.epochs,
-                        arch=args.arch).check()
+                        arch=args.arch, val_fraction=args.val_fraction).check()
         work = Path(args.work_dir or f"rekd-results/tabular-{args.dataset}")
         build(design, work, Path(args.out) if args.out else work / f"{args.dataset}.csv.gz",
               progress=lambda line: print(line, flush=True))

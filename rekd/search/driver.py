@@ -56,6 +56,7 @@ def parent_params(plan: SearchPlan) -> list[Param]:
         "study": s.name, "metric": s.metric, "mode": s.mode, "sampler": s.sampler, "sampler_seed": s.sampler_seed,
         "objectives": objectives_text(s.objectives),
         **({"sampler.population_size": s.population_size} if s.sampler == "nsga2" else {}),
+        **({"sampler.multivariate": s.multivariate, "sampler.constant_liar": s.constant_liar} if s.sampler == "tpe" else {}),
         "scheduler": ("mo-asha" if s.multi_objective else "asha") if s.early_stopping else "none",
         "asha.grace_period": s.grace_period, "asha.reduction_factor": s.reduction_factor, "asha.max_t": s.epochs,
         "num_samples": s.num_samples, "max_concurrency": s.max_concurrency,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from typing import Optional
 
 import optuna
@@ -58,13 +59,21 @@ def distribution(param: Param) -> optuna.distributions.BaseDistribution:
 
 
 def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
-    """The study's seeded sampler. TPE handles several objectives itself (MOTPE); NSGA-II evolves
+    return sampler_for(study.sampler, study.sampler_seed, population_size=study.population_size,
+                       multivariate=study.multivariate, constant_liar=study.constant_liar)
+
+
+def sampler_for(kind: str, seed: int, population_size: int = 8, multivariate: bool = False,
+                constant_liar: bool = False) -> optuna.samplers.BaseSampler:
+    """A seeded sampler of a study's kind. TPE handles several objectives itself (MOTPE); NSGA-II evolves
     generations of `population_size` trials and samples at random until the first is complete."""
-    if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=study.sampler_seed)
-    if study.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=study.population_size, seed=study.sampler_seed)
-    return optuna.samplers.TPESampler(seed=study.sampler_seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+    with warnings.catch_warnings():  # both options are "experimental" in Optuna 5: a warning each time, no news
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=multivariate, constant_liar=constant_liar)
 
 
 class ResumableOptunaSearch(Searcher):

@@ -30,6 +30,7 @@ TOP_KEYS = ("study", "description", "metric", "mode", "objectives", "fixed", "pa
 # and validation splits only; the test split is for rekd.final alone.
 METRICS = ("val_acc", "train_acc", "train_loss", "energy_uj", "sops", "macs", "density", "connections",
            "firing_rate")
+TPE_OPTIONS = ("multivariate", "constant_liar")  # Optuna TPESampler's, offered in a study's sampler block
 NSGA2_POPULATION = 8  # NSGA-II's generation size when the study does not say (Optuna's 50 is a whole study here)
 SMOKE_KEYS = ("num_samples", "epochs", "teacher_epochs", "max_concurrency")
 
@@ -58,6 +59,8 @@ class Study:
     sampler: str = "tpe"
     sampler_seed: int = 0
     population_size: int = NSGA2_POPULATION  # nsga2 only
+    multivariate: bool = False  # tpe only: one joint density over the params instead of one per param
+    constant_liar: bool = False  # tpe only: running trials count as bad ones, so concurrent proposals spread out
     # Every objective as (metric, mode); the first is `metric`/`mode`. Two or more: a multi-objective study
     # (multi-objective TPE or NSGA-II, MO-ASHA, a Pareto front); one: `metric`/`mode` as before.
     objectives: tuple[tuple[str, str], ...] = ()
@@ -147,7 +150,10 @@ def load_study(name_or_path: str) -> Study:
     smoke = expect(raw.get("smoke_test", {}), dict, "smoke_test", fail, f"a mapping of {', '.join(SMOKE_KEYS)}")
     if "population_size" in sampler and sampler.get("type") != "nsga2":
         raise fail("sampler.population_size", "only for type: nsga2")
-    for block, value, allowed in (("sampler", sampler, ("type", "seed", "population_size")),
+    for key in TPE_OPTIONS:
+        if key in sampler and sampler.get("type", "tpe") != "tpe":
+            raise fail(f"sampler.{key}", "only for type: tpe")
+    for block, value, allowed in (("sampler", sampler, ("type", "seed", "population_size", *TPE_OPTIONS)),
                                   ("asha", asha, ("grace_period", "reduction_factor")),
                                   ("resources", resources, ("cpu", "gpu", "cpu_fallback")),
                                   ("smoke_test", smoke, SMOKE_KEYS)):
@@ -166,6 +172,8 @@ def load_study(name_or_path: str) -> Study:
         sampler_seed=integer(sampler.get("seed", 0), "sampler.seed", fail, minimum=0),
         population_size=integer(sampler.get("population_size", NSGA2_POPULATION), "sampler.population_size", fail,
                                 minimum=2),
+        multivariate=expect(sampler.get("multivariate", False), bool, "sampler.multivariate", fail, "true or false"),
+        constant_liar=expect(sampler.get("constant_liar", False), bool, "sampler.constant_liar", fail, "true or false"),
         early_stopping=expect(raw.get("early_stopping", True), bool, "early_stopping", fail, "true or false"),
         grace_period=integer(asha.get("grace_period", 1), "asha.grace_period", fail, minimum=1),
         reduction_factor=integer(asha.get("reduction_factor", 2), "asha.reduction_factor", fail, minimum=2),
