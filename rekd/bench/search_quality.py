@@ -25,7 +25,7 @@ from rekd.bench.table import MODES, read_table, table_path
 from rekd.errors import UsageError
 
 TARGET_REGRET = 0.005  # within half a point of the best configuration's test accuracy
-FULL_TRIALS = 48  # the default budget: this many full-budget trials' worth of epochs
+FULL_TRIALS = 16  # the default budget: this many full-budget trials' worth of epochs (the shipped studies' num_samples)
 REFERENCE = "random"  # what every strategy is compared with, paired by seed
 
 STRATEGIES = [
@@ -148,15 +148,19 @@ def summary_rows(outcomes: Sequence[Outcome], target: float = TARGET_REGRET) -> 
         regrets = [r for o in mine for r in o.regrets()]
         halfway = [r for o in mine for r in o.regrets(o.budget // 2)]
         early = [r for o in mine for r in o.regrets(o.budget // 8)]
+        without = sum(not c or c[0][0] > o.budget // 8 for o in mine for c in o.curves)  # no trial ended yet
         needed = [n for o in mine for n in o.to_target(target)]
         row = {"strategy": name, "regret": statistics.mean(regrets), "regret_half": statistics.mean(halfway),
-               "regret_eighth": statistics.mean(early), "val_regret": statistics.mean(r for o in mine for r in o.val_regrets()),
+               "regret_eighth": statistics.mean(early) if not without else math.nan, "val_regret": statistics.mean(r for o in mine for r in o.val_regrets()),
                "median_to_target": statistics.median(needed), "reached": sum(math.isfinite(n) for n in needed),
                "searches": len(needed), "rank": statistics.mean(rank_of[name]), "rank_ci": bootstrap_ci(rank_of[name]),
                "trials": statistics.mean(n for o in mine for n in o.trials),
                "full": statistics.mean(n for o in mine for n in o.full)}
         if reference and name != REFERENCE and len(reference) == len(regrets):
             row["vs_random"] = paired_ci(regrets, reference)
+            # Several strategies against one reference: Bonferroni's correction says which differences survive.
+            _, low, high = paired_ci(regrets, reference, level=1 - 0.05 / max(len(names) - 1, 1))
+            row["survives_correction"] = low > 0 or high < 0
         rows.append(row)
     return rows
 
@@ -178,16 +182,20 @@ def markdown(rows: Sequence[dict], budget: int, seeds: int, modes: Sequence[str]
     for r in sorted(rows, key=lambda r: r["rank"]):
         vs = r.get("vs_random")
         vs_text = f"{vs[0] * 100:+.2f} [{vs[1] * 100:+.2f}, {vs[2] * 100:+.2f}]" if vs else "-"
+        vs_text += " *" if r.get("survives_correction") else ""
         to_target = r["median_to_target"]
         ratio = ""
         if reference and math.isfinite(to_target) and math.isfinite(reference["median_to_target"]):
             ratio = f" ({to_target / reference['median_to_target']:.2f}x random)"
+        early = "no trial ended" if math.isnan(r["regret_eighth"]) else f"{r['regret_eighth'] * 100:.2f}"
         lines.append(
-            f"| {r['strategy']} | {r['regret_eighth'] * 100:.2f} | {r['regret_half'] * 100:.2f} | {r['regret'] * 100:.2f} | "
+            f"| {r['strategy']} | {early} | {r['regret_half'] * 100:.2f} | {r['regret'] * 100:.2f} | "
             f"{vs_text} | {r['val_regret'] * 100:.2f} | "
             f"{'not reached' if not math.isfinite(to_target) else f'{to_target:.0f}'}{ratio} | "
             f"{r['reached']}/{r['searches']} | {r['rank']:.1f} [{r['rank_ci'][0]:.1f}, {r['rank_ci'][1]:.1f}] | "
             f"{r['trials']:.0f} ({r['full']:.0f}) |")
+    lines += ["", "`*`: the interval excludes 0 also at the Bonferroni-corrected level (0.05 divided by the number of "
+                  "strategies compared with random search)."]
     if exhaustive is not None:
         lines += ["", f"Every configuration of the table trained once and the best by validation taken: regret "
                       f"{exhaustive * 100:.2f} points (mean over {seeds} draws of seeds per mode): what picking by "
@@ -197,7 +205,7 @@ def markdown(rows: Sequence[dict], budget: int, seeds: int, modes: Sequence[str]
 
 def plot(outcomes: Sequence[Outcome], path: Path, title: str, target: float = TARGET_REGRET,
          exhaustive: Optional[float] = None) -> None:
-    """Mean regret against epochs spent (log scale, from one full trial's worth), one panel per mode, one line
+    """Mean regret against epochs spent (log scale), one panel per mode, one line
     per strategy; the target (grey) and the exhaustive search's regret (black) as dotted lines."""
     import matplotlib
 
@@ -209,8 +217,7 @@ def plot(outcomes: Sequence[Outcome], path: Path, title: str, target: float = TA
     top = 0.0
     for ax, mode in zip(axes[0], modes):
         for i, o in enumerate(o for o in outcomes if o.mode == mode):
-            first = o.budget // FULL_TRIALS  # one full trial's epochs
-            steps = sorted({round(first * (FULL_TRIALS ** (k / 63))) for k in range(64)})
+            steps = sorted({max(1, round(o.budget ** (k / 63))) for k in range(64)})
             mean = [100 * statistics.mean(o.regrets(s)) for s in steps]
             top = max(top, 3 * mean[-1])
             ax.plot(steps, mean, label=o.strategy, linestyle="-" if i < 10 else "--")

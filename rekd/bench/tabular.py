@@ -37,7 +37,7 @@ def build_parser() -> Parser:
     c.add_argument("--mode", choices=("sparse_kd", "default_kd"), action="append",
                    help="the modes to search (repeatable; default both)")
     c.add_argument("--seeds", type=int, default=20, help="searches per strategy (default 20)")
-    c.add_argument("--budget", type=int, help="epochs per search (default 48 full-budget trials' worth)")
+    c.add_argument("--budget", type=int, help="epochs per search (default 16 full-budget trials' worth)")
     c.add_argument("--target", type=float, default=0.5,
                    help="the target regret in points of test accuracy (default 0.5)")
     c.add_argument("--strategy", action="append", help="only these strategies (repeatable; default all)")
