@@ -251,3 +251,11 @@ def test_the_shipped_studies_run_the_strategy_the_comparison_calls_rekds_default
         sampler = "tpe-multivariate" if study.multivariate else "tpe-liar" if study.constant_liar else study.sampler
         assert (sampler, study.early_stopping, study.grace_period, study.reduction_factor) == (
             default.sampler, default.stopping != "none", default.grace_period, default.reduction_factor), name
+
+
+def test_the_bench_row_pairs_rekds_default_with_random_search_on_the_shipped_table():
+    from rekd.bench.search_quality import tabular_rows
+
+    (row,) = tabular_rows(quick=True)
+    assert row.unit == "points" and row.target == 0.0 and row.value == row.value  # a number, not NaN
+    assert "paired over 20 searches, 95 % CI [" in row.detail
