@@ -47,6 +47,15 @@ METRICS = ("val_acc", "test_acc", "energy_uj", "wall_s", "diverged")  # the CSV'
 COLUMNS = ("mode", "config", "seed", "epoch", *PARAMS, *METRICS)
 DEFAULT_CONFIGS = {"digits": 200, "ndigits": 24}  # per mode: ndigits costs ~10x more per epoch on CPUs
 TABLES_DIR = Path(__file__).resolve().parent / "tables"  # the tables shipped with rekd
+PROG = "python -m rekd.bench.tabular build"
+
+
+class BuildInterrupted(Exception):
+    """A build ended by a signal, its runs so far recorded; `exit_status` as a shell reports the signal."""
+
+    def __init__(self, exit_status: int):
+        super().__init__(f"interrupted (exit status {exit_status})")
+        self.exit_status = exit_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,47 +222,55 @@ def build(design: Design, work: Path, out: Path, progress=print) -> Path:
     progress(f"{design.dataset}: {total} runs ({design.configs} configurations x {len(MODES)} modes x "
              f"{design.seeds} seeds, {design.epochs} epochs each); {len(done)} recorded in {work}, {len(todo)} to train")
     if todo:
-        try:
-            train_all(design, points, todo, runs_path, len(done), total, progress)
-        except KeyboardInterrupt:
-            print(f"interrupted: {len(read_runs(runs_path))} of {total} runs are recorded in {work}; the same "
-                  "command continues the build", file=sys.stderr)
-            raise
+        train_all(design, points, todo, runs_path, len(done), total, progress)
     write_table(out, design, points, read_runs(runs_path))
     progress(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return out
 
 
 def train_all(design: Design, points: dict, todo: list, runs_path: Path, done: int, total: int, progress) -> None:
-    import ray
-
     from rekd.provenance import code_version
+    from rekd.search.interrupt import Interruption
     from rekd.search.ray_session import start_ray, stop_ray
 
     version = code_version()
     start_ray(worker_output=False)
+    # Ctrl-C, and the SIGTERM a scheduler or `kill` sends, end the build alike: Ray stopped, the runs recorded so
+    # far kept, the way to continue printed. Installed once Ray runs: ray.init puts its own SIGTERM handler in.
     try:
-        teacher_task = ray.remote(num_cpus=1)(train_teacher)
-        run_task = ray.remote(num_cpus=1)(train_run)
-        teachers = {seed: teacher_task.remote(design, seed) for seed in sorted({s for m, _, s in todo if m == "sparse_kd"})}
-        pending = {run_task.remote(design, mode, points[mode][c], seed, teachers.get(seed) if mode == "sparse_kd" else None):
-                   (mode, c, seed) for mode, c, seed in todo}
-        started = time.perf_counter()
-        finished = 0
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            mode, c, seed = pending.pop(ready[0])
-            epochs = ray.get(ready[0])
-            append_run(runs_path, {"mode": mode, "config": c, "seed": seed, "params": points[mode][c],
-                                   "code_version": version, "epochs": epochs})
-            finished += 1
-            rate = (time.perf_counter() - started) / finished
-            last = epochs[-1]
-            progress(f"[{done + finished}/{total}] {mode} #{c} seed {seed}: val_acc {last['val_acc']:.3f} test_acc "
-                     f"{last['test_acc']:.3f}{' (diverged)' if last['diverged'] else ''}; about "
-                     f"{rate * len(pending) / 60:.0f} min to go")
+        with Interruption(PROG) as interruption:
+            submit_and_record(design, points, todo, runs_path, done, total, progress, version)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted by {interruption.name}: {len(read_runs(runs_path))} of {total} runs are recorded in "
+              f"{runs_path.parent}; the same command continues the build", file=sys.stderr, flush=True)
+        raise BuildInterrupted(interruption.exit_status) from None
     finally:
         stop_ray()
+
+
+def submit_and_record(design: Design, points: dict, todo: list, runs_path: Path, done: int, total: int, progress,
+                      version: str) -> None:
+    import ray
+
+    teacher_task = ray.remote(num_cpus=1)(train_teacher)
+    run_task = ray.remote(num_cpus=1)(train_run)
+    teachers = {seed: teacher_task.remote(design, seed) for seed in sorted({s for m, _, s in todo if m == "sparse_kd"})}
+    pending = {run_task.remote(design, mode, points[mode][c], seed, teachers.get(seed) if mode == "sparse_kd" else None):
+               (mode, c, seed) for mode, c, seed in todo}
+    started = time.perf_counter()
+    finished = 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        mode, c, seed = pending.pop(ready[0])
+        epochs = ray.get(ready[0])
+        append_run(runs_path, {"mode": mode, "config": c, "seed": seed, "params": points[mode][c],
+                               "code_version": version, "epochs": epochs})
+        finished += 1
+        rate = (time.perf_counter() - started) / finished
+        last = epochs[-1]
+        progress(f"[{done + finished}/{total}] {mode} #{c} seed {seed}: val_acc {last['val_acc']:.3f} test_acc "
+                 f"{last['test_acc']:.3f}{' (diverged)' if last['diverged'] else ''}; about "
+                 f"{rate * len(pending) / 60:.0f} min to go")
 
 
 def write_table(out: Path, design: Design, points: dict, runs: dict) -> None:

@@ -59,9 +59,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         configs = args.configs if args.configs is not None else DEFAULT_CONFIGS.get(args.dataset, 48)
         design = Design(dataset=args.dataset, configs=configs, seeds=args.seeds, epochs=args.epochs,
                         arch=args.arch, val_fraction=args.val_fraction).check()
+        from rekd.bench.table import BuildInterrupted
+
         work = Path(args.work_dir or f"rekd-results/tabular-{args.dataset}")
-        build(design, work, Path(args.out) if args.out else work / f"{args.dataset}.csv.gz",
-              progress=lambda line: print(line, flush=True))
+        try:
+            build(design, work, Path(args.out) if args.out else work / f"{args.dataset}.csv.gz",
+                  progress=lambda line: print(line, flush=True))
+        except BuildInterrupted as e:
+            return e.exit_status
         return 0
     from rekd.bench.search_quality import compare_command
     return compare_command(args)
