@@ -33,7 +33,7 @@ def build_parser() -> Parser:
     b.add_argument("--out", help="the table (default WORK_DIR/DATASET.csv.gz)")
 
     c = sub.add_parser("compare", help="replay the search strategies over a table")
-    c.add_argument("--table", default="digits", help="a shipped table (digits, ndigits) or a .csv.gz file")
+    c.add_argument("--table", default="digits", help="a shipped table (digits, ndigits, digits-val30) or a .csv.gz file")
     c.add_argument("--mode", choices=("sparse_kd", "default_kd"), action="append",
                    help="the modes to search (repeatable; default both)")
     c.add_argument("--seeds", type=int, default=20, help="searches per strategy (default 20)")
