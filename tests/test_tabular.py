@@ -180,6 +180,8 @@ def test_the_command_compares_on_a_table_file_and_refuses_what_it_cannot(table_f
     assert_usage_error(code, out, err, "--strategy 'best' is not one; allowed: random | ")
     code, out, err = run_command(main, ["compare", "--table", str(tmp_path / "none.csv.gz")], capsys)
     assert_usage_error(code, out, err, "no tabular benchmark at")
+    code, out, err = run_command(main, ["compare", "--table", "cifar"], capsys)
+    assert_usage_error(code, out, err, "--table 'cifar' is not a shipped table; allowed: digits | digits-val30 | ")
     code, out, err = run_command(main, ["build", "--dataset", "cifar100", "--work-dir", str(tmp_path / "w")], capsys)
     assert_usage_error(code, out, err, "dataset='cifar100' is not allowed; allowed: an embedded dataset")
     assert not (tmp_path / "w").exists()

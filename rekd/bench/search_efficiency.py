@@ -16,6 +16,7 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from rekd.bench import replay
 from rekd.search.optuna_searcher import PrunedAwareOptunaSearch
 
 MAX_T = 16
@@ -89,16 +90,10 @@ def one_search(make_searcher, early_stopping: bool, seed: int, budget: int, curv
 
 
 def regret_at(curve: list[tuple[int, float]], budget: int) -> float:
-    regret = OPTIMUM
-    for spent, value in curve:
-        if spent > budget:
-            break
-        regret = value
-    return regret
+    return replay.regret_at(curve, budget, OPTIMUM)
 
 
-def budget_to_reach(curve: list[tuple[int, float]], target: float) -> float:
-    return next((spent for spent, regret in curve if regret <= target), math.inf)
+budget_to_reach = replay.budget_to_reach
 
 
 def search_efficiency(quick: bool) -> list:

@@ -363,6 +363,12 @@ def shipped(name: str) -> Path:
 
 
 def table_path(name_or_path: str) -> Path:
-    """A shipped table's name (digits, ndigits) or a file."""
-    return shipped(name_or_path) if "/" not in name_or_path and not name_or_path.endswith(".gz") else Path(name_or_path)
+    """A shipped table's name (digits, ndigits, ...) or a file."""
+    if "/" in name_or_path or name_or_path.endswith(".gz"):
+        return Path(name_or_path)
+    if not shipped(name_or_path).is_file():
+        names = sorted(p.name.removesuffix(".csv.gz") for p in TABLES_DIR.glob("*.csv.gz"))
+        raise UsageError(f"--table {name_or_path!r} is not a shipped table; allowed: {' | '.join(names)}, or a "
+                         ".csv.gz file")
+    return shipped(name_or_path)
 
