@@ -8,7 +8,7 @@ from rekd.search.study import load_study
 
 
 def drive(stock: bool, tmp_path):
-    study = load_study("sparse_kd").with_overrides(fixed={"epochs": 3})
+    study = load_study("sparse_kd").with_overrides(fixed={"epochs": 3}, grace_period=1)
     url = f"sqlite:///{tmp_path / ('stock.db' if stock else 'fixed.db')}"
     searcher = make_searcher(study, url, "s", stock=stock)
     assert isinstance(searcher, PrunedAwareOptunaSearch) != stock

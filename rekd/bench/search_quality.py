@@ -264,7 +264,7 @@ def compare_command(args) -> int:
     return 0
 
 
-DEFAULT = "TPE + ASHA grace 2"  # what the shipped studies run (search_spaces/*.yaml): kept in step by a test
+DEFAULT = "TPE + ASHA grace 4"  # what the shipped studies run (search_spaces/*.yaml): kept in step by a test
 
 
 def tabular_rows(quick: bool) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,20 @@ def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
     return new_plan(args, argv, must_be_new=True)
 
 
+def grace_within(study: Study, fixed: dict) -> dict:
+    """A budget asked for on the command line that is shorter than the study's grace period: ASHA then stops no
+    trial early (the grace period becomes the budget), and the search says so, rather than refusing a short run."""
+    try:
+        budget = TrainConfig.from_dict({**study.fixed, **fixed}, source="fixed").total_epochs
+    except UsageError:
+        return {}  # the study's own check names the bad value
+    if study.grace_period <= budget:
+        return {}
+    print(f"note: the study's asha.grace_period {study.grace_period} exceeds the {budget} epochs asked for: no trial "
+          "is stopped early (a smaller asha.grace_period in the study file would)", file=sys.stderr)
+    return {"grace_period": budget}
+
+
 def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
     from rekd.tracking.store import resolve_tracking_uri
 
@@ -174,6 +189,8 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
             overrides[flag] = value
     if args.early_stopping is not None:
         overrides["early_stopping"] = args.early_stopping == "on"
+    if "epochs" in fixed:
+        overrides.update(grace_within(study, fixed))
     study = study.with_overrides(params=searched, fixed=fixed, **overrides)
     if args.stock_optuna and study.multi_objective:
         raise UsageError(f"--stock-optuna compares single-objective searches; study {study.name} has "
