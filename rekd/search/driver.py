@@ -50,6 +50,13 @@ def describe_space(plan: SearchPlan) -> dict[str, str]:
     return out
 
 
+def stopping_text(study) -> str:
+    """How the search stops trials early, as the first line says it."""
+    if not study.early_stopping or study.grace_period >= study.epochs:
+        return "no early stopping"
+    return f"early stopping at rungs from epoch {study.grace_period} (reduction factor {study.reduction_factor})"
+
+
 def parent_params(plan: SearchPlan) -> list[Param]:
     s = plan.study
     values = {
@@ -132,7 +139,7 @@ def prepare(plan: SearchPlan, data: DataSplits) -> tuple[dict, Optional[dict]]:
     print(f"search {plan.name}: study {study.name}, {study.num_samples} trials x {study.epochs} epochs, "
           f"{study.max_concurrency} at once, {resources} each; searching "
           f"{', '.join(p.name for p in study.params)} for {' and '.join(f'{m} ({mode})' for m, mode in study.objectives)}; "
-          f"{'early stopping at rungs' if study.early_stopping else 'no early stopping'}", flush=True)
+          f"{stopping_text(study)}", flush=True)
     if note:
         print(note, flush=True)
     teacher = teacher_weights_for(plan.base, data, study.cpus, resources["gpu"]) \
