@@ -263,3 +263,14 @@ def test_the_bench_row_pairs_rekds_default_with_random_search_on_the_shipped_tab
     (row,) = tabular_rows(quick=True)
     assert row.unit == "points" and row.target == 0.0 and row.value == row.value  # a number, not NaN
     assert "paired over 20 searches, 95 % CI [" in row.detail
+
+
+def test_a_second_build_of_one_work_folder_is_refused_while_the_first_runs(tmp_path):
+    from rekd.locks import FileLock
+
+    small = Design(configs=2, seeds=1, epochs=1)
+    tmp_path.mkdir(exist_ok=True)
+    with FileLock(tmp_path / "build.lock").acquire():
+        with pytest.raises(UsageError, match=f"{tmp_path} is being built by PID {os.getpid()}"):
+            build(small, tmp_path, tmp_path / "t.csv.gz", progress=lambda _: None)
+    assert not (tmp_path / "t.csv.gz").exists()

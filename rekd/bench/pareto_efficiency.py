@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import optuna
 from ray.tune.schedulers import TrialScheduler
 
+from rekd.bench import replay
 from rekd.bench.rows import Row
 from rekd.search.asha import ResumableASHA
 from rekd.search.moasha import MultiObjectiveASHA
@@ -239,12 +240,7 @@ def share_curve(trials: Sequence[TrialRecord], scenario: str) -> list[tuple[int,
 
 
 def share_at(curve: Sequence[tuple[int, float]], budget: int) -> float:
-    value = 0.0
-    for spent, share_then in curve:
-        if spent > budget:
-            break
-        value = share_then
-    return value
+    return replay.regret_at(list(curve), budget, 0.0)  # the same step lookup: the last value by `budget`
 
 
 def budget_to_reach(curve: Sequence[tuple[int, float]], target: float) -> float:

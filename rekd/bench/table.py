@@ -211,8 +211,19 @@ def append_run(path: Path, run: dict) -> None:
 
 def build(design: Design, work: Path, out: Path, progress=print) -> Path:
     """Train every run of the design not yet in `work`, as Ray tasks, then write the table to `out`."""
+    from rekd.locks import FileLock, Held
+
     design.check()
     check_work_dir(work, design)
+    try:  # a second build on the same folder would train every run again beside the first
+        lock = FileLock(work / "build.lock").acquire()
+    except Held as e:
+        raise UsageError(f"{work} is being built by {e.holder}; wait for it, or give another --work-dir") from None
+    with lock:
+        return build_locked(design, work, out, progress)
+
+
+def build_locked(design: Design, work: Path, out: Path, progress) -> Path:
     runs_path = work / "runs.jsonl"
     end_last_line(runs_path)
     done = read_runs(runs_path)
