@@ -22,6 +22,7 @@ SURROGATES = ("atan", "sigmoid")
 COMPILE = ("auto", "true", "false")
 STRUCTURES = ("dense", "gmp", "rewire")  # how a student's conv connections are learned (rekd.snn.structure)
 REGROWTH = ("gradient", "random")
+KD_REDUCTIONS = ("batchmean", "elementwise")  # rekd.snn.losses: how the KL term is averaged
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 # Usual slopes for each surrogate (spikingjelly's defaults).
 DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}
@@ -57,6 +58,9 @@ class TrainConfig:
     temperature: float = 4.0  # softening temperature T of Eq. 4
     alpha: float = 0.5  # weight of the distillation term (Eq. 5, 7)
     confidence: float = 0.95  # default_kd: the virtual teacher's probability on the true class (Eq. 6)
+    # The KL term of Eq. 5 and 7 averaged over the batch (batchmean: the equations as written) or over every
+    # element, batch x classes (elementwise: the cited code's nn.KLDivLoss default, 1/C as large).
+    kd_reduction: str = "batchmean"
     # Sparse students (rekd.snn.structure): dense | gmp (gradual magnitude pruning from dense to target_sparsity
     # on a cubic ramp) | rewire (target_sparsity from the start, connections dropped and regrown while learning).
     structure: str = "dense"
@@ -193,6 +197,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "generations": (lambda v: 1 <= v <= 100, "an integer 1..100"),
     "alpha": (lambda v: 0 <= v <= 1, "0 <= alpha <= 1"),
     "confidence": (lambda v: 0 < v < 1, "1/num_classes < confidence < 1"),
+    "kd_reduction": (lambda v: v in KD_REDUCTIONS, " | ".join(KD_REDUCTIONS)),
     "seed": (lambda v: 0 <= v < 2**32, "an integer 0..2**32-1"),
     "val_fraction": (lambda v: 0 < v <= 0.5, "0 < val_fraction <= 0.5"),
     "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto | cpu | cuda | cuda:N"),

@@ -28,6 +28,7 @@ def test_defaults_are_the_embedded_default_and_resolve_per_dataset():
     ({"lr": "fast"}, "lr='fast' has the wrong type; allowed: a number or none"),
     ({"v_reset": 2.0}, "v_reset=2.0 must be below v_threshold=1.0"),
     ({"learning_rate": 0.1}, "unknown setting 'learning_rate'"),
+    ({"kd_reduction": "mean"}, "kd_reduction='mean' is not allowed; allowed: batchmean | elementwise"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(values, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("|", r"\|").replace("*", r"\*")):

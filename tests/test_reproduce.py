@@ -126,7 +126,9 @@ def plan_for(argv, tmp_path):
 def test_table1_plan_defaults_to_the_papers_ratios_three_seeds_and_states_its_sources(tmp_path):
     plan = plan_for(["table1"], tmp_path)
     assert plan.ratios == PAPER_RATIOS == (0.0, 0.1, 0.3, 0.5, 0.7) and plan.seeds == (0, 1, 2)
-    assert plan.kd_sources == {"temperature": "TrainConfig default", "alpha": "TrainConfig default"}
+    assert plan.kd_sources == {"temperature": "TrainConfig default", "alpha": "TrainConfig default",
+                               "kd_reduction": "TrainConfig default"}
+    assert plan.kd_settings["kd_reduction"] == "batchmean"  # Eq. 5 as written
     runs = plan.runs()
     assert len(runs) == 3 * (1 + 5)
     assert [r.kind for r in runs[:3]] == ["baseline"] * 3  # stage 1 first
@@ -151,12 +153,23 @@ def test_distillation_settings_come_from_best_then_set(tmp_path):
     best.write_text("configs:\n- settings: {mode: default_kd, confidence: 0.97, temperature: 2.5, alpha: 0.3}\n"
                     "- settings: {mode: default_kd, confidence: 0.91}\n")
     plan = plan_for(["table2", "--best", str(best)], tmp_path)
-    assert plan.kd_settings == {"confidence": 0.97, "temperature": 2.5, "alpha": 0.3}
+    assert plan.kd_settings == {"confidence": 0.97, "temperature": 2.5, "alpha": 0.3, "kd_reduction": "batchmean"}
     assert set(plan.kd_sources.values()) == {f"--best {best}"}
     assert "confidence=0.97 (--best" in plan.describe()
     plan = plan_for(["table2", "--best", str(best), "--set", "alpha=0.8", "--dataset", "ndigits"], tmp_path)
     assert plan.kd_settings["alpha"] == 0.8 and plan.kd_sources["alpha"] == "--set"
     assert plan.notes and "tuned on digits/tiny" in plan.notes[0]
+
+
+def test_kd_reduction_comes_from_the_best_file_and_set_overrides_it(tmp_path):
+    best = tmp_path / "best.yaml"
+    best.write_text("configs:\n- settings: {mode: sparse_kd, temperature: 2.5, alpha: 0.3, kd_reduction: elementwise}\n")
+    plan = plan_for(["table1", "--best", str(best)], tmp_path)
+    assert plan.kd_settings["kd_reduction"] == "elementwise" and all(
+        r.config.kd_reduction == "elementwise" for r in plan.runs())
+    assert "kd_reduction=elementwise (--best" in plan.describe()
+    plan = plan_for(["table1", "--set", "kd_reduction=elementwise"], tmp_path)
+    assert plan.kd_sources["kd_reduction"] == "--set" and "temperature=4 (TrainConfig default)" in plan.describe()
 
 
 def test_the_structure_plan_runs_each_sparse_student_beside_each_seeds_dense_baseline(tmp_path):

@@ -3,6 +3,7 @@
 import pytest
 
 from rekd.config import FIELD_TYPES
+from rekd.errors import UsageError
 from rekd.datasets import DATASETS
 from rekd.snn.models import ARCHS
 from rekd.search.__main__ import main
@@ -214,3 +215,16 @@ def test_tpe_options_reach_the_sampler(tmp_path, monkeypatch):
         warnings.simplefilter("error")  # Optuna's "experimental" warnings are not the user's news
         make_sampler(study)
     assert made == {"seed": 3, "multivariate": True, "constant_liar": True}
+
+
+def test_kd_reduction_is_searchable_as_a_categorical_setting(tmp_path):
+    text = replace(GOOD, "  temperature: {type: loguniform, low: 1.0, high: 20.0}\n",
+                   "  temperature: {type: loguniform, low: 1.0, high: 20.0}\n"
+                   "  kd_reduction: {type: categorical, choices: [batchmean, elementwise]}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    param = {p.name: p for p in load_study(str(path)).params}["kd_reduction"]
+    assert param.kind == "categorical" and param.choices == ("batchmean", "elementwise")
+    path.write_text(replace(text, "[batchmean, elementwise]", "[batchmean, sum]"))
+    with pytest.raises(UsageError, match="kd_reduction='sum' is not allowed; allowed: batchmean | elementwise"):
+        load_study(str(path))

@@ -117,6 +117,7 @@ def plot(runs: list[dict], rows: list[dict], cfg: TrainConfig, path: Path) -> No
     left.set(xscale="log", xlabel="epoch budget", ylabel="final test accuracy (%)",
              title=f"{cfg.dataset}/{cfg.arch} baseline: final accuracy")
     left.set_xticks([r["epochs"] for r in rows], [str(r["epochs"]) for r in rows])
+    left.minorticks_off()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     budgets = [r["epochs"] for r in rows]
     for run_ in runs:

@@ -10,7 +10,8 @@ from typing import Optional
 from rekd.config import TrainConfig
 
 # The distillation settings of each mode, the ones a reproduction takes from a search's best configuration.
-KD_SETTINGS = {"sparse_kd": ("temperature", "alpha"), "default_kd": ("confidence", "temperature", "alpha")}
+KD_SETTINGS = {"sparse_kd": ("temperature", "alpha", "kd_reduction"),
+               "default_kd": ("confidence", "temperature", "alpha", "kd_reduction")}
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class ReproducePlan:
     def kd_settings(self) -> dict:
         return {k: getattr(self.base, k) for k in KD_SETTINGS[self.base.mode]}
 
+    def settings_text(self, sources: bool) -> str:
+        """`temperature=4 (source), alpha=0.5 (source), kd_reduction=batchmean (source)`, sources if asked."""
+        return ", ".join((f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+                         + (f" ({self.kd_sources[k]})" if sources else "") for k, v in self.kd_settings.items())
+
     def runs(self) -> list[RunSpec]:
         """The baselines of all seeds (stage 1), then every KD student (stage 2)."""
         specs = [RunSpec("baseline", s, None, dataclasses.replace(self.base, mode="baseline", seed=s))
@@ -91,7 +97,7 @@ class ReproducePlan:
 
     def describe(self) -> str:
         """What runs and with which distillation settings, said before and saved with the results."""
-        settings = ", ".join(f"{k}={v:g} ({self.kd_sources[k]})" for k, v in self.kd_settings.items())
+        settings = self.settings_text(sources=True)
         ratios = f"teacher prune ratios {', '.join(f'{r:g}' for r in self.ratios)}; " if self.ratios else ""
         if self.variants:
             ratios = f"{len(self.variants) + 1} students (dense baseline first), teacher prune ratio {self.ratios[0]:g}; "

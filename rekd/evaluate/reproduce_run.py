@@ -255,8 +255,8 @@ def caption(plan: ReproducePlan) -> str:
                 f"{n - 1} degree{'s' * (n > 2)} of freedom. KD students are taught by each seed's baseline, "
                 f"magnitude-pruned at {plan.ratios[0]:g}. Density = live share of conv weights; SOPs and energy "
                 f"count live synapses only (rekd.snn.energy). Distillation: "
-                f"{', '.join(f'{k}={v:g}' for k, v in plan.kd_settings.items())}. Code {provenance()['code_version']}.")
-    settings = ", ".join(f"{k}={v:g} ({plan.kd_sources[k]})" for k, v in plan.kd_settings.items())
+                f"{plan.settings_text(sources=False)}. Code {provenance()['code_version']}.")
+    settings = plan.settings_text(sources=True)
     return (f"**{plan.table}** ({b.mode}) on {b.dataset}/{b.arch}, test split: accuracy in %, mean ± std over "
             f"{n} seeds ({', '.join(map(str, plan.seeds))}); every run {b.epochs} epochs. Improvement = student KD "
             f"− student SNN, paired by seed; its 95% CI is a Student t with {n - 1} degree{'s' * (n > 2)} of "

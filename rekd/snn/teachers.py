@@ -28,7 +28,7 @@ from rekd.storage import load_tensors, save_atomic
 
 # Settings that do not change which network a baseline run produces.
 NOT_DETERMINING = ("mode", "cache_dir", "download", "epochs", "eval_test", "device", "amp", "channels_last",
-                   "compile", "prune_ratio", "temperature", "alpha", "confidence", "data_root",
+                   "compile", "prune_ratio", "temperature", "alpha", "confidence", "kd_reduction", "data_root",
                    # the teacher is a dense baseline whatever its students learn
                    "structure", "target_sparsity", "sparsity_start_epoch", "sparsity_end_epoch", "prune_every",
                    "regrow", "rewire_fraction", "generations", "inherit_mask")

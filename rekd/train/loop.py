@@ -35,9 +35,10 @@ OnEpoch = Callable[[dict], None]
 # mode -> (student logits, targets, teacher logits or None, config) -> (loss, parts)
 OBJECTIVES = {
     "baseline": lambda s, y, t, c: cross_entropy_loss(s, y),
-    "sparse_kd": lambda s, y, t, c: sparse_kd_loss(s, t, y, alpha=c.alpha, temperature=c.temperature),
+    "sparse_kd": lambda s, y, t, c: sparse_kd_loss(s, t, y, alpha=c.alpha, temperature=c.temperature,
+                                                   reduction=c.kd_reduction),
     "default_kd": lambda s, y, t, c: default_kd_loss(
-        s, y, confidence=c.confidence, alpha=c.alpha, temperature=c.temperature),
+        s, y, confidence=c.confidence, alpha=c.alpha, temperature=c.temperature, reduction=c.kd_reduction),
 }
 
 
