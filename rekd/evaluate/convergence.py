@@ -10,7 +10,8 @@ one thread each; this is a check of a configuration's length, not a search.
 
 Writes `<out>/convergence.json` (every run's per-epoch history), `convergence.md` (final test accuracy per
 budget, mean +- std, and the paired change from the budget before) and `convergence.png` (the final accuracy
-against the budget, and the per-epoch test accuracy of every run).
+against the budget, and the per-epoch test accuracy of every run). Run again into the same folder with more
+budgets or seeds, it keeps the runs it already has (same settings) and trains only the new ones.
 """
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def train_one(cfg: TrainConfig) -> dict:
     result = train(cfg)
     return {"epochs": cfg.epochs, "seed": cfg.seed, "wall_s": round(time.monotonic() - start, 1),
             "val_acc": [h["val_acc"] for h in result.history], "test_acc": [h["test_acc"] for h in result.history]}
+
+
+def earlier_runs(path: Path, base: TrainConfig, budgets: Sequence[int], seeds: Sequence[int]) -> list[dict]:
+    """The runs of an earlier check in this folder that this one asks for again, if its settings were these."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("config") != base.to_dict():
+        raise UsageError(f"--out {path.parent} holds a convergence check of other settings; allowed: the same "
+                         "settings (to add budgets or seeds) or another --out")
+    return [r for r in earlier["runs"] if r["epochs"] in budgets and r["seed"] in seeds]
 
 
 def summary(runs: list[dict], budgets: Sequence[int], seeds: Sequence[int]) -> list[dict]:
@@ -147,19 +159,22 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     seeds = tuple(range(args.seeds))
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    kept = earlier_runs(out / "convergence.json", base, budgets, seeds)
+    done = {(r["epochs"], r["seed"]) for r in kept}
     configs = [TrainConfig.from_dict({**base.to_dict(), "epochs": e, "seed": s}) for e in reversed(budgets)
-               for s in seeds]  # longest first: the pool ends on short runs instead of waiting on one long one
+               for s in seeds if (e, s) not in done]  # longest first: the pool ends on short runs, not one long one
     workers = args.workers or multiprocessing.cpu_count()
     print(f"{len(configs)} baseline runs of {base.dataset}/{base.arch} (budgets {', '.join(map(str, budgets))} "
-          f"epochs x seeds {', '.join(map(str, seeds))}), {workers} at once", flush=True)
-    start, runs = time.monotonic(), []
+          f"epochs x seeds {', '.join(map(str, seeds))}), {workers} at once"
+          + (f"; {len(kept)} kept from {out / 'convergence.json'}" if kept else ""), flush=True)
+    start, runs = time.monotonic(), list(kept)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(train_one, cfg) for cfg in configs]
         for future in as_completed(futures):
             runs.append(future.result())
             r = runs[-1]
             print(f"{r['epochs']} epochs seed {r['seed']}: test_acc={r['test_acc'][-1]:.4f} "
-                  f"({r['wall_s']:.0f} s; {len(runs)}/{len(configs)} done)", flush=True)
+                  f"({r['wall_s']:.0f} s; {len(runs) - len(kept)}/{len(configs)} done)", flush=True)
     runs.sort(key=lambda r: (r["epochs"], r["seed"]))
     rows = summary(runs, budgets, seeds)
     wall = time.monotonic() - start
