@@ -228,3 +228,15 @@ def test_kd_reduction_is_searchable_as_a_categorical_setting(tmp_path):
     path.write_text(replace(text, "[batchmean, elementwise]", "[batchmean, sum]"))
     with pytest.raises(UsageError, match="kd_reduction='sum' is not allowed; allowed: batchmean | elementwise"):
         load_study(str(path))
+
+
+def test_grace_period_flag_overrides_the_study_within_the_budget(tmp_path):
+    from rekd.search.plan import make_plan
+
+    plan = make_plan("sparse_kd", epochs=200, grace_period=50, storage_path=str(tmp_path / "r"))
+    assert plan.study.grace_period == 50 and plan.base.epochs == 200
+    assert make_plan("sparse_kd", epochs=16, storage_path=str(tmp_path / "r")).study.grace_period == 4  # the study's
+    with pytest.raises(UsageError, match="--grace-period 17 is not allowed; allowed: an integer 1..16"):
+        make_plan("sparse_kd", epochs=16, grace_period=17, storage_path=str(tmp_path / "r"))
+    with pytest.raises(UsageError, match="--grace-period 0 is not allowed"):
+        make_plan("sparse_kd", grace_period=0, storage_path=str(tmp_path / "r"))

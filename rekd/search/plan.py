@@ -72,6 +72,9 @@ def build_parser() -> Parser:
                    help="run trials (and the teacher) on CPUs, even where the cluster has or can start GPU nodes")
     p.add_argument("--early-stopping", choices=("on", "off"),
                    help="stop trials at ASHA's rungs (MO-ASHA's with several objectives) or not; default: the study's")
+    p.add_argument("--grace-period", type=int, metavar="EPOCHS",
+                   help="epochs every trial runs before ASHA may stop it (default: the study's asha.grace_period; "
+                        "scale it with --epochs, e.g. 50 for 200 epochs)")
     p.add_argument("--stock-optuna", action="store_true",
                    help="record ASHA-stopped trials as Ray's OptunaSearch does (COMPLETE), for comparison")
     return p
@@ -165,6 +168,18 @@ def grace_within(study: Study, fixed: dict) -> dict:
     return {"grace_period": budget}
 
 
+def grace_flag(value: int, study: Study, fixed: dict) -> int:
+    """--grace-period, checked against the trials' budget (a grace period past it would stop nothing)."""
+    try:
+        budget = TrainConfig.from_dict({**study.fixed, **fixed}, source="fixed").total_epochs
+    except UsageError:
+        budget = None  # the study's own check names the bad value
+    if value < 1 or budget is not None and value > budget:
+        raise UsageError(f"--grace-period {value} is not allowed; allowed: an integer 1..{budget or 'epochs'} "
+                         "(the trials' epochs)")
+    return value
+
+
 def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
     from rekd.tracking.store import resolve_tracking_uri
 
@@ -189,7 +204,9 @@ def new_plan(args, argv: Sequence[str], must_be_new: bool) -> SearchPlan:
             overrides[flag] = value
     if args.early_stopping is not None:
         overrides["early_stopping"] = args.early_stopping == "on"
-    if "epochs" in fixed:
+    if args.grace_period is not None:
+        overrides["grace_period"] = grace_flag(args.grace_period, study, fixed)
+    elif "epochs" in fixed:
         overrides.update(grace_within(study, fixed))
     study = study.with_overrides(params=searched, fixed=fixed, **overrides)
     if args.stock_optuna and study.multi_objective:
