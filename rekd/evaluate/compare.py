@@ -73,6 +73,7 @@ def compare(a: dict, b: dict) -> list[dict]:
         diff, low, high = paired_ci(row_b.kd, row_a.kd, LEVEL)
         lines.append({"prune_ratio": row_a.prune_ratio, "seeds": len(seeds),
                       "same_baselines": row_a.student == row_b.student,
+                      "a_student": na["student_acc_mean"], "b_student": nb["student_acc_mean"],
                       "a_kd": na["kd_acc_mean"], "b_kd": nb["kd_acc_mean"],
                       "a_gain": (na["improvement_mean"], na["improvement_ci_low"], na["improvement_ci_high"]),
                       "b_gain": (nb["improvement_mean"], nb["improvement_ci_low"], nb["improvement_ci_high"]),
@@ -84,19 +85,24 @@ def markdown(lines: list[dict], a: dict, b: dict, names: Sequence[str]) -> str:
     base, na, nb = a["base"], names[0], names[1]
     table1 = lines[0]["prune_ratio"] is not None
     head = (["Teacher prune ratio"] if table1 else []) + [
-        f"{na}: KD acc. (%)", f"{na}: improvement [95% CI]", f"{nb}: KD acc. (%)", f"{nb}: improvement [95% CI]",
+        "Student SNN acc. (%)" + ("" if same_all(lines) else f" ({na} / {nb})"), f"{na}: KD acc. (%)", f"{na}: improvement [95% CI]", f"{nb}: KD acc. (%)", f"{nb}: improvement [95% CI]",
         f"{nb} − {na} (KD students) [95% CI]"]
-    same = all(line["same_baselines"] for line in lines)
+    same = same_all(lines)
     out = [f"{a['plan']['table']} on {base['dataset']}/{base['arch']}, {base['epochs']} epochs, {lines[0]['seeds']} "
            f"seeds in common; test accuracy; intervals are Student t over per-seed differences. Baselines "
            + ("identical in both, seed by seed." if same else "differ between the two (other settings or machine)."),
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for line in lines:
+        student = f"{line['a_student']:.2f}" + ("" if same else f" / {line['b_student']:.2f}")
         cells = ([f"{line['prune_ratio']:g}"] if table1 else []) + [
-            f"{line['a_kd']:.2f}", interval(line["a_gain"]), f"{line['b_kd']:.2f}", interval(line["b_gain"]),
+            student, f"{line['a_kd']:.2f}", interval(line["a_gain"]), f"{line['b_kd']:.2f}", interval(line["b_gain"]),
             interval(line["b_minus_a"])]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def same_all(lines: list[dict]) -> bool:
+    return all(line["same_baselines"] for line in lines)
 
 
 def interval(values: tuple[float, float, float]) -> str:
