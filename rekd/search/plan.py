@@ -154,14 +154,20 @@ def plan_from_args(args, argv: Sequence[str] = ()) -> SearchPlan:
     return new_plan(args, argv, must_be_new=True)
 
 
+def trial_budget(study: Study, fixed: dict) -> Optional[int]:
+    """Epochs of a whole trial with the command line's settings; None where they are not valid (the study's own
+    check names the bad value later)."""
+    try:
+        return TrainConfig.from_dict({**study.fixed, **fixed}, source="fixed").total_epochs
+    except UsageError:
+        return None
+
+
 def grace_within(study: Study, fixed: dict) -> dict:
     """A budget asked for on the command line that is shorter than the study's grace period: ASHA then stops no
     trial early (the grace period becomes the budget), and the search says so, rather than refusing a short run."""
-    try:
-        budget = TrainConfig.from_dict({**study.fixed, **fixed}, source="fixed").total_epochs
-    except UsageError:
-        return {}  # the study's own check names the bad value
-    if study.grace_period <= budget:
+    budget = trial_budget(study, fixed)
+    if budget is None or study.grace_period <= budget:
         return {}
     print(f"note: the study's asha.grace_period {study.grace_period} exceeds the {budget} epochs asked for: no trial "
           "is stopped early (a smaller asha.grace_period in the study file would)", file=sys.stderr)
@@ -170,10 +176,7 @@ def grace_within(study: Study, fixed: dict) -> dict:
 
 def grace_flag(value: int, study: Study, fixed: dict) -> int:
     """--grace-period, checked against the trials' budget (a grace period past it would stop nothing)."""
-    try:
-        budget = TrainConfig.from_dict({**study.fixed, **fixed}, source="fixed").total_epochs
-    except UsageError:
-        budget = None  # the study's own check names the bad value
+    budget = trial_budget(study, fixed)
     if value < 1 or budget is not None and value > budget:
         raise UsageError(f"--grace-period {value} is not allowed; allowed: an integer 1..{budget or 'epochs'} "
                          "(the trials' epochs)")
