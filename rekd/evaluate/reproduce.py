@@ -56,7 +56,7 @@ def build_parser() -> Parser:
     p.add_argument("--sparsities", metavar="S,S,...",
                    help="structure: the students' target sparsities, each 0 < s < 1 (default 0.5,0.8,0.9)")
     p.add_argument("--best", metavar="FILE",
-                   help="take temperature and alpha (table2: and confidence) from the top config of this "
+                   help="take temperature, alpha and kd_reduction (table2: and confidence) from the top config of this "
                         "`python -m rekd.best` file (default: the study's, else TrainConfig's defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="fix another TrainConfig setting for every run, e.g. lr=0.05 or downsample=2 (repeatable; "
