@@ -52,3 +52,15 @@ def test_a_check_writes_its_table_and_plot_and_a_rerun_trains_only_what_is_new(t
     kept = [r for r in second["runs"] if r["epochs"] < 3]
     assert kept == first["runs"]  # not trained again
     assert main(["--budgets", "1,2", "--seeds", "3", "--set", "lr=0.05", "--out", str(out)]) == 2
+
+
+def test_a_folder_another_check_is_writing_is_refused_in_one_line(tmp_path, capsys):
+    from rekd.locks import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(out / "convergence.lock").acquire():
+        assert main(["--budgets", "1,2", "--seeds", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is being written by another convergence check" in err and "\n" not in err
+    assert not (out / "convergence.json").exists()

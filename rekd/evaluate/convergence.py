@@ -10,22 +10,25 @@ one thread each; this is a check of a configuration's length, not a search.
 
 Writes `<out>/convergence.json` (every run's per-epoch history), `convergence.md` (final test accuracy per
 budget, mean +- std, and the paired change from the budget before) and `convergence.png` (the final accuracy
-against the budget, and the per-epoch test accuracy of every run). Run again into the same folder with more
-budgets or seeds, it keeps the runs it already has (same settings) and trains only the new ones.
+against the budget, and the per-epoch test accuracy of every run). convergence.json is rewritten as each run
+finishes: run again into the same folder (after Ctrl-C, or with more budgets or seeds), the check keeps the
+runs it already has (same settings) and trains only the others. One check writes a folder at a time.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional, Sequence
 
 from rekd.cli import Parser, run
 from rekd.config import TrainConfig
 from rekd.errors import UsageError
+from rekd.locks import FileLock, Held
 from rekd.provenance import provenance
 from rekd.stats import mean_std, paired_ci
 
@@ -65,6 +68,15 @@ def base_config(args) -> TrainConfig:
     return TrainConfig.from_dict({**cfg.to_dict(), "mode": "baseline", "eval_test": True, "device": "cpu"})
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) ends the check as Ctrl-C does: workers stopped, runs kept
+
+
+def quiet_worker() -> None:
+    """A pool worker leaves Ctrl-C (sent to the whole terminal's process group) to the parent, which ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_one(cfg: TrainConfig) -> dict:
     """One baseline run in a worker process: its per-epoch validation and test accuracy."""
     import torch
@@ -78,15 +90,22 @@ def train_one(cfg: TrainConfig) -> dict:
             "val_acc": [h["val_acc"] for h in result.history], "test_acc": [h["test_acc"] for h in result.history]}
 
 
-def earlier_runs(path: Path, base: TrainConfig, budgets: Sequence[int], seeds: Sequence[int]) -> list[dict]:
-    """The runs of an earlier check in this folder that this one asks for again, if its settings were these."""
+def earlier_runs(path: Path, base: TrainConfig) -> list[dict]:
+    """The runs an earlier (or interrupted) check in this folder made, if its settings were these."""
     if not path.exists():
         return []
     earlier = json.loads(path.read_text())
     if earlier.get("config") != base.to_dict():
         raise UsageError(f"--out {path.parent} holds a convergence check of other settings; allowed: the same "
                          "settings (to add budgets or seeds) or another --out")
-    return [r for r in earlier["runs"] if r["epochs"] in budgets and r["seed"] in seeds]
+    return earlier["runs"]
+
+
+def save(path: Path, document: dict) -> None:
+    """Replace the file whole: a check killed while writing leaves the previous version."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def summary(runs: list[dict], budgets: Sequence[int], seeds: Sequence[int]) -> list[dict]:
@@ -159,31 +178,54 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     seeds = tuple(range(args.seeds))
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    kept = earlier_runs(out / "convergence.json", base, budgets, seeds)
-    done = {(r["epochs"], r["seed"]) for r in kept}
+    try:
+        lock = FileLock(out / "convergence.lock").acquire()
+    except Held as e:
+        raise UsageError(f"--out {out} is being written by another convergence check ({e.holder}); allowed: "
+                         "wait for it to end, or another --out") from None
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    with lock:
+        return check(base, budgets, seeds, out, args.workers or multiprocessing.cpu_count())
+
+
+def check(base: TrainConfig, budgets: tuple[int, ...], seeds: tuple[int, ...], out: Path, workers: int) -> int:
+    path = out / "convergence.json"
+    runs = earlier_runs(path, base)
+    kept = [r for r in runs if r["epochs"] in budgets and r["seed"] in seeds]
+    done = {(r["epochs"], r["seed"]) for r in runs}
     configs = [TrainConfig.from_dict({**base.to_dict(), "epochs": e, "seed": s}) for e in reversed(budgets)
                for s in seeds if (e, s) not in done]  # longest first: the pool ends on short runs, not one long one
-    workers = args.workers or multiprocessing.cpu_count()
     print(f"{len(configs)} baseline runs of {base.dataset}/{base.arch} (budgets {', '.join(map(str, budgets))} "
           f"epochs x seeds {', '.join(map(str, seeds))}), {workers} at once"
           + (f"; {len(kept)} kept from {out / 'convergence.json'}" if kept else ""), flush=True)
-    start, runs = time.monotonic(), list(kept)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_one, cfg) for cfg in configs]
-        for future in as_completed(futures):
-            runs.append(future.result())
-            r = runs[-1]
+    start, new = time.monotonic(), 0
+    document = {"config": base.to_dict(), "budgets": budgets, "seeds": seeds, "rows": [], "runs": runs,
+                "provenance": provenance()}
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
+    try:
+        for r in pool.imap_unordered(train_one, configs):
+            runs.append(r)
+            new += 1
+            save(path, document)  # each finished run survives an interruption
             print(f"{r['epochs']} epochs seed {r['seed']}: test_acc={r['test_acc'][-1]:.4f} "
-                  f"({r['wall_s']:.0f} s; {len(runs) - len(kept)}/{len(configs)} done)", flush=True)
+                  f"({r['wall_s']:.0f} s; {new}/{len(configs)} done)", flush=True)
+    except KeyboardInterrupt:
+        pool.terminate()
+        kept_where = f"kept in {path}" if new or runs else "finished"
+        print(f"interrupted: {new} of {len(configs)} runs {kept_where}; the same command trains the rest",
+              file=sys.stderr)
+        raise
+    finally:
+        pool.terminate()
+        pool.join()
     runs.sort(key=lambda r: (r["epochs"], r["seed"]))
-    rows = summary(runs, budgets, seeds)
+    asked = [r for r in runs if r["epochs"] in budgets and r["seed"] in seeds]
+    rows = summary(asked, budgets, seeds)
     wall = time.monotonic() - start
-    (out / "convergence.json").write_text(json.dumps(
-        {"config": base.to_dict(), "budgets": budgets, "seeds": seeds, "rows": rows, "runs": runs,
-         "wall_s": round(wall, 1), "provenance": provenance()}, indent=1) + "\n")
+    save(path, {**document, "rows": rows, "wall_s": round(wall, 1)})
     table = markdown(rows, base, seeds)
     (out / "convergence.md").write_text(table)
-    plot(runs, rows, base, out / "convergence.png")
+    plot(asked, rows, base, out / "convergence.png")
     print(table + f"wall time {wall:.0f} s; written: {out}/convergence.md, convergence.png, convergence.json")
     return 0
 
