@@ -47,10 +47,9 @@ def load(folder: str) -> dict:
 
 
 def check_comparable(a: dict, b: dict, names: Sequence[str]) -> None:
-    for key in ("table",):
-        if a["plan"][key] != b["plan"][key]:
-            raise UsageError(f"{names[0]} is {a['plan'][key]} and {names[1]} is {b['plan'][key]}; allowed: "
-                             "two reproductions of the same table")
+    if a["plan"]["table"] != b["plan"]["table"]:
+        raise UsageError(f"{names[0]} is {a['plan']['table']} and {names[1]} is {b['plan']['table']}; allowed: "
+                         "two reproductions of the same table")
     for key in ("dataset", "arch", "epochs"):
         if a["base"][key] != b["base"][key]:
             raise UsageError(f"{names[0]} has {key}={a['base'][key]} and {names[1]} {key}={b['base'][key]}; allowed: "
