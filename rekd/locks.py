@@ -66,6 +66,24 @@ class FileLock:
         self.release()
 
 
+def holder_of(path: Path) -> Optional[str]:
+    """Who holds the lock at `path` now (as describe_holder says it), or None if nobody does.
+
+    It probes with a shared lock held for an instant, so it never writes the file; a process taking the
+    lock at that instant waits it out (FileLock.acquire with a timeout)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return describe_holder(Path(path))
+    finally:
+        os.close(fd)  # closing releases the probe's shared lock
+    return None
+
+
 def describe_holder(path: Path) -> str:
     """`PID 123 on host h`, read from the lock file; the holder writes it just after locking."""
     for _ in range(20):

@@ -4,6 +4,7 @@ Optuna trials closed, no temp folder left, the exact --resume command printed, e
 second signal aborts within seconds, and the printed --resume finishes the search with a summary of
 the whole of it."""
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from searches import EXPERIMENT, finish, optuna_states, runs, start_search, wait
 pytestmark = pytest.mark.slow
 
 
-def assert_interrupted(tmp_path: Path, tmp: Path, name: str, signame: str) -> None:
+def assert_interrupted(tmp_path: Path, tmp: Path, name: str, signame: str, out: str = "") -> None:
     client, parent, children = runs(tmp_path, name)
     assert parent.info.status == "KILLED" and parent.data.tags["rekd.outcome"] == "interrupted"
     assert parent.data.tags["rekd.interrupted_by"] == signame
@@ -32,6 +33,13 @@ def assert_interrupted(tmp_path: Path, tmp: Path, name: str, signame: str) -> No
     assert stopped and all(c.info.status == "KILLED" for c in stopped)
     assert optuna.trial.TrialState.RUNNING not in optuna_states(tmp_path, name)
     assert not list(tmp.glob("rekd-*")), list(tmp.iterdir())
+    if out:  # the end report says the same: the budget of the trials that ended, none that never started
+        said = re.search(r"(\d+) trials ended after (\d+) of the (\d+) epochs", out)
+        if ended == 0:
+            assert said is None, out[-2000:]
+        else:
+            assert said and int(said[1]) == ended and int(said[3]) == metrics["epochs_budget"], out[-2000:]
+            assert int(said[2]) <= int(said[3])
 
 
 def test_ctrl_c_interrupts_the_search_and_the_printed_resume_finishes_it(tmp_path, own_tmp):
@@ -44,7 +52,7 @@ def test_ctrl_c_interrupts_the_search_and_the_printed_resume_finishes_it(tmp_pat
     assert "Tuner.restore" not in out + err  # Tune's own hint, a Python call, is replaced by the command
     *_, announce, command = err.strip().splitlines()
     assert "interrupted (SIGINT); continue it with" in announce
-    assert_interrupted(tmp_path, own_tmp, "ctrl-c", "SIGINT")
+    assert_interrupted(tmp_path, own_tmp, "ctrl-c", "SIGINT", out)
 
     # the command exactly as printed, from another folder
     resumed = subprocess.run(shlex.split(command), capture_output=True, text=True, cwd=tmp_path, env=env,

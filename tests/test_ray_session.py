@@ -318,6 +318,16 @@ def test_a_search_that_cannot_reach_its_cluster_writes_nothing(unreachable_searc
     assert not storage.exists() or list(storage.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_a_reproduction_that_cannot_reach_its_cluster_writes_nothing(tmp_path):
+    out = tmp_path / "reproduce-results"
+    proc = run_bounded([sys.executable, "-m", "rekd.reproduce", "table2", "--smoke-test", "--out", str(out)],
+                       isolated_env(tmp_path, RAY_ADDRESS=closed_port_address()), timeout=60)
+    assert_usage_error(proc.returncode, proc.stdout, proc.stderr, "RAY_ADDRESS=")
+    assert not out.exists()  # no store, no folder, no FAILED parent run
+    assert private_folders(tmp_path) == []
+
+
 # --- the local service (rekd.service) ---
 
 def service_start(state_dir: Path, *extra: str) -> list[str]:

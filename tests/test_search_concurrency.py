@@ -3,6 +3,7 @@ all succeed (none corrupts the MLflow store), the same --name twice at once is r
 and a --resume while the search runs is refused naming the running driver."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -26,7 +27,9 @@ def test_first_searches_started_together_on_a_fresh_path_succeed_or_are_refused_
     assert codes == [0, 2], [r[3][-2000:] for r in by_name["a"]]
     refused = next(r for r in by_name["a"] if r[1] == 2)
     lines = refused[3].strip().splitlines()
-    assert len(lines) == 1 and "--name 'a'" in lines[0] and "already exists" in lines[0], refused[3]
+    assert len(lines) == 1 and "--name 'a'" in lines[0], refused[3]
+    # the other 'a' is running (named by PID) or, in the instant between its folder and its lock, only exists
+    assert "is being run by PID" in lines[0] or "already exists" in lines[0], refused[3]
     # the store is healthy: both searches are in it, each with its own parent and trials
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rekd-default_kd-smoke")
@@ -70,4 +73,26 @@ def test_a_default_name_taken_in_the_same_second_gets_a_suffix_and_a_chosen_one_
     assert claimed.argv[claimed.argv.index("--name") + 1] == claimed.name  # what --resume will rebuild
     lock.release()
     with pytest.raises(UsageError, match="already exists"):
+        claim_name(plan, chosen=True)
+
+
+def test_a_new_search_given_the_name_of_a_running_one_is_refused_naming_its_driver(tmp_path):
+    from rekd.errors import UsageError
+    from rekd.locks import holder_of
+    from rekd.search.__main__ import claim_name
+    from rekd.search.plan import build_parser, plan_from_args
+    from rekd.search.state import LOCK_FILE
+
+    argv = ["default_kd", "--smoke-test", "--storage-path", str(tmp_path), "--name", "a"]
+    plan = plan_from_args(build_parser().parse_args(argv), argv)
+    _, running = claim_name(plan, chosen=True)  # flock: this process's second open of the file is refused too
+    assert holder_of(tmp_path / "a" / LOCK_FILE) == f"PID {os.getpid()} on host {socket.gethostname()}"
+    with pytest.raises(UsageError, match=rf"--name 'a': a search of that name is being run by PID {os.getpid()} "
+                                         rf"on host .*--resume a$"):
+        claim_name(plan, chosen=True)
+    lock_text = (tmp_path / "a" / LOCK_FILE).read_text()
+    running.release()
+    assert "pid" in lock_text  # the probe wrote nothing into the holder's record
+    assert holder_of(tmp_path / "a" / LOCK_FILE) is None and holder_of(tmp_path / "none") is None
+    with pytest.raises(UsageError, match="already exists"):  # a search that ended: continue it or rename
         claim_name(plan, chosen=True)

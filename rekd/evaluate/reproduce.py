@@ -207,7 +207,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     data = {seed: load_dataset(dataclasses.replace(plan.base, seed=seed)) for seed in plan.seeds}
     from rekd.library_log import LibraryLog
     from rekd.evaluate.reproduce_run import execute
+    from rekd.search.ray_session import check_cluster_address
 
+    check_cluster_address()  # a cluster that does not answer stops here, before the store or a folder is made
     library_log = LibraryLog(verbose=plan.verbose).apply()
     try:
         return execute(plan, data, library_log)

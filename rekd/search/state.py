@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 from rekd.errors import UsageError
-from rekd.locks import FileLock, Held
+from rekd.locks import FileLock, Held, holder_of
 from rekd.tracking.runs import first_line
 
 STATE_FILE = "rekd-search.json"
 STATE_FORMAT = 2  # 2: the searcher and tracker of rekd.search and rekd.tracking (the package layout)
 LOCK_FILE = ".rekd-driver.lock"
+CLAIM_WAIT_S = 2.0  # a refused second search probes the driver lock for an instant (name_taken): wait that out
 OPTUNA_FILE = "optuna.db"
 DEFAULT_STORE = "default"  # the state file's tracking URI when the search used <local-path>/mlflow.db
 
@@ -38,10 +39,14 @@ def claim_new(folder: Path) -> Optional[FileLock]:
         folder.mkdir()
     except FileExistsError:
         return None
-    return FileLock(folder / LOCK_FILE).acquire()
+    return FileLock(folder / LOCK_FILE).acquire(timeout=CLAIM_WAIT_S)
 
 
 def name_taken(folder: Path) -> UsageError:
+    holder = holder_of(folder / LOCK_FILE)
+    if holder:
+        return UsageError(f"--name {folder.name!r}: a search of that name is being run by {holder}; "
+                          f"choose another name, or wait for it to end and continue it with --resume {folder.name}")
     return UsageError(f"--name {folder.name!r}: {folder} already exists (another search has this name); "
                       f"choose another name or continue it with --resume {folder.name}")
 
@@ -49,7 +54,7 @@ def name_taken(folder: Path) -> UsageError:
 def claim_existing(folder: Path) -> FileLock:
     """Lock the folder of a search to resume it; refused while another driver holds it."""
     try:
-        return FileLock(folder / LOCK_FILE).acquire()
+        return FileLock(folder / LOCK_FILE).acquire(timeout=CLAIM_WAIT_S)
     except Held as e:
         raise UsageError(f"search {folder.name!r} is being run by {e.holder}; wait for it to end "
                          f"(or stop that process) before resuming it") from None
