@@ -1,7 +1,12 @@
 """The benchmark's pieces that are not timings: the synthetic objective and the search simulation."""
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from rekd.bench.__main__ import main
 from rekd.bench.rows import Row
@@ -57,6 +62,53 @@ def test_the_gpu_throughput_measurement_runs_on_a_cpu_in_its_own_process():
     assert variant_in_subprocess("bf16 + channels_last", "cpu", 2, 1)["images_per_s"] > 0
     if not torch.cuda.is_available():  # a failing variant becomes a row that says why, not a crash
         assert "error" in variant_in_subprocess("fp32", "cuda", 2, 1)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A lent GPU machine has torch and rekd's training wheels, not Ray, Optuna or MLflow: the GPU group must run there.
+WITHOUT_RAY = """
+import runpy, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "optuna", "mlflow"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Absent())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def without_ray(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_RAY, *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_gpu_group_runs_where_ray_optuna_and_mlflow_are_not_installed(tmp_path):
+    from rekd.datasets.synthetic import make_cifar100_folder
+
+    bench = without_ray("rekd.bench", "--only", "gpu")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "no GPU here" in bench.stderr
+    variant = without_ray("rekd.bench_gpu", "fp32", "--device", "cpu", "--batch", "2", "--steps", "1")
+    assert variant.returncode == 0 and json.loads(variant.stdout)["images_per_s"] > 0, variant.stderr[-3000:]
+    root = make_cifar100_folder(tmp_path / "data", n_train=64, n_test=32)
+    epochs = without_ray("rekd.bench_gpu", "epochs", "sparse_kd", "--device", "cpu", "--arch", "tiny", "--batch", "16",
+                         "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"))
+    assert epochs.returncode == 0 and json.loads(epochs.stdout), epochs.stderr[-3000:]
+
+
+def test_without_ray_the_gpu_search_rows_say_why_they_did_not_run(monkeypatch):
+    import importlib.util
+
+    from rekd.bench import gpu
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    [row] = gpu.sharing_rows_if_ray()
+    assert math.isnan(row.value) and row.detail.startswith("did not run: ray not installed here")
 
 
 @pytest.mark.slow

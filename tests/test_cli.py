@@ -97,15 +97,17 @@ def test_a_run_writes_its_folder_resumes_and_becomes_the_teacher_of_sparse_kd(tm
     assert "training the baseline" not in distil.stderr and "teacher_val_acc=" in distil.stdout
 
 
-def test_a_batch_too_large_for_the_gpu_is_one_line_that_says_what_to_lower(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("mode, where", [("baseline", "train"), ("sparse_kd", "ensure_teacher")])
+def test_a_batch_too_large_for_the_gpu_is_one_line_that_says_what_to_lower(tmp_path, capsys, monkeypatch, mode, where):
     import rekd.train.__main__
 
     def out_of_memory(*args, **kwargs):  # what torch raises when the card is full (no card here)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)\n"
                                      "See documentation for Memory Management")
 
-    monkeypatch.setattr(rekd.train.__main__, "train", out_of_memory)
-    code, out, err = run_main(["baseline", "--set", "batch_size=200000", "--out", str(tmp_path / "run"),
+    # sparse_kd without a cached teacher trains it first: that can be what does not fit
+    monkeypatch.setattr(rekd.train.__main__, where, out_of_memory)
+    code, out, err = run_main([mode, "--set", "batch_size=200000", "--out", str(tmp_path / "run"),
                                "--cache-dir", str(tmp_path / "cache")], capsys)
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()

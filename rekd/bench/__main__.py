@@ -15,7 +15,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from rekd.bench.cpu import compile_row, data_rows, distillation_overhead, harness_overhead, snn_vs_ann
 from rekd.bench.rows import Row, print_table
 from rekd.cli import Parser, run
 
@@ -36,12 +35,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    from rekd.bench.pareto_efficiency import pareto_efficiency
-    from rekd.bench.search_efficiency import search_efficiency
-
+    # Each group imports what it needs when it runs: a lent GPU machine has torch but not Ray, Optuna or
+    # MLflow, and `--only gpu` must run there.
     args = build_parser().parse_args(argv)
     groups = args.only or ["snn", "compile", "kd", "data", "harness", "search", "pareto", "tabular", "gpu"]
     rows: list[Row] = []
+    if {"snn", "compile", "kd", "data", "harness"} & set(groups):
+        from rekd.bench.cpu import compile_row, data_rows, distillation_overhead, harness_overhead, snn_vs_ann
     if "snn" in groups:
         rows += [snn_vs_ann("tiny", args.quick), snn_vs_ann("resnet18", args.quick)]
     if "compile" in groups:
@@ -54,8 +54,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         # All cores busy with trials (Ray's own processes compete with them), and one core left to Ray.
         rows += [harness_overhead(args.quick, concurrency) for concurrency in (os.cpu_count() or 1, 1)]
     if "search" in groups:
+        from rekd.bench.search_efficiency import search_efficiency
         rows += search_efficiency(args.quick)
     if "pareto" in groups:
+        from rekd.bench.pareto_efficiency import pareto_efficiency
         rows += pareto_efficiency(args.quick)
     if "tabular" in groups:
         from rekd.bench.search_quality import tabular_rows

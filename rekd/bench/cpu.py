@@ -58,8 +58,8 @@ def snn_vs_ann(arch: str, quick: bool) -> Row:
 
 def compile_row(arch: str, quick: bool) -> Row:
     """What torch.compile does to a CPU training step (rekd.train.loop's step, baseline mode): compiled / eager
-    step time, and the cold compile time (an empty kernel cache) it has to win back. `compile: auto` stays
-    off on CPUs because of this row."""
+    step time, and the cold compile time (an empty kernel cache) it has to win back. `compile: auto` follows
+    this row on CPUs: on where a run earns the compile time back, off for rekd.train.optim.CPU_EAGER_ARCHS."""
     from rekd.train.optim import Optimization
     from rekd.train.loop import OBJECTIVES, train_step
 

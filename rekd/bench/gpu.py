@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -210,7 +211,19 @@ def epoch_rows(quick: bool, device: str = "cuda", arch: str = "resnet18", batch:
 
 
 def gpu_rows(quick: bool) -> list:
-    return throughput_rows(quick) + epoch_rows(quick) + ([] if quick else sharing_rows(quick))
+    return throughput_rows(quick) + epoch_rows(quick) + ([] if quick else sharing_rows_if_ray())
+
+
+def sharing_rows_if_ray() -> list:
+    """The Ray search rows where Ray is installed; else one row that says why not (the process rows stand in)."""
+    from rekd.bench.rows import Row
+
+    missing = [m for m in ("ray", "optuna", "mlflow") if importlib.util.find_spec(m) is None]
+    if missing:
+        return [Row("resnet18 search, trials sharing the GPU", float("nan"), "trials/h", None,
+                    f"did not run: {', '.join(missing)} not installed here; the rows of processes sharing the "
+                    "GPU stand in")]
+    return sharing_rows(quick=False)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

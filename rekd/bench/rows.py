@@ -54,6 +54,9 @@ def interleaved_median_times(fns: dict[str, Callable[[], None]], warmup: int, re
 
 
 def print_table(rows: list[Row]) -> None:
+    if not rows:
+        print("nothing measured")
+        return
     width = max(len(r.name) for r in rows)
     print(f"{'measurement':<{width}}  {'value':>8}  {'target':>8}  ok   detail")
     for r in rows:

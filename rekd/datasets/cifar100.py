@@ -101,8 +101,10 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     """Per-sample random crop of the zero-padded batch and random horizontal flip; x: (N, C, H, W)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (PAD, PAD, PAD, PAD))
-    shifts = torch.randint(0, 2 * PAD + 1, (2, n), generator=generator).to(x.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    # Drawn on the CPU generator (its state is what a checkpoint keeps); copied without waiting on the GPU's
+    # queue: CUDA stages a pageable host-to-device copy at once, so non_blocking never reads a freed buffer.
+    shifts = torch.randint(0, 2 * PAD + 1, (2, n), generator=generator).to(x.device, non_blocking=True)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
     j = torch.arange(w, device=x.device).expand(n, w)
     j = torch.where(flips[:, None], w - 1 - j, j)  # a flip reads the crop's columns right to left
     rows = (shifts[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)

@@ -5,6 +5,7 @@ Writes <run dir>/config.json (resolved), provenance.json (code and library versi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -80,8 +81,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     data = load_dataset(cfg)
     teacher_weights = None
     if cfg.mode == "sparse_kd":
-        teacher_weights = ensure_teacher(cfg, data, on_epoch=lambda m: print_epoch("[teacher] ", m, cfg.teacher_epochs),
-                                         progress=progress)
+        with fits_the_gpu(cfg):  # the teacher trains first where none is cached, at the same batch size
+            teacher_weights = ensure_teacher(cfg, data, progress=progress,
+                                             on_epoch=lambda m: print_epoch("[teacher] ", m, cfg.teacher_epochs))
     run_dir = Path(args.resume or args.out or default_run_dir(cfg))
     if not args.resume and (run_dir / "last.pt").exists():
         raise UsageError(f"--out {run_dir} already holds a run; continue it with --resume {run_dir} or choose another folder")
@@ -100,15 +102,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print_epoch(f"[generation {metrics['generation']}] " if cfg.generations > 1 else "", metrics, cfg.total_epochs)
 
     try:
-        result = train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=on_epoch, run_dir=run_dir,
-                       progress=progress)
+        with fits_the_gpu(cfg):
+            result = train(cfg, data=data, teacher_weights=teacher_weights, on_epoch=on_epoch, run_dir=run_dir,
+                           progress=progress)
     except NonFiniteLoss as e:
         print(f"{PROG}: stopped: {e}; try a lower lr (checkpoint of the last good epoch in {run_dir})", file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError as e:  # the batch does not fit this card: the user's to change, not a bug
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
-        raise UsageError(f"batch_size={cfg.batch_size} (T={cfg.timesteps}, {cfg.arch}) does not fit the GPU: "
-                         f"{first[:160]}; lower batch_size (--set batch_size=N)") from None
     if cfg.mode == "baseline" and cfg.structure == "dense":  # the teacher sparse_kd runs of this config look for
         as_teacher = dataclasses.replace(cfg, teacher_epochs=cfg.epochs)
         if load_cached_teacher(as_teacher) is None:
@@ -118,6 +117,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(f"done: val_acc={result.final['val_acc']:.4f} (best {best['val_acc']:.4f} at epoch {best['epoch']}); "
           f"run folder {run_dir}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def fits_the_gpu(cfg):
+    """A CUDA out-of-memory error as the user's one line: the batch does not fit this card (not a bug)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        raise UsageError(f"batch_size={cfg.batch_size} (T={cfg.timesteps}, {cfg.arch}) does not fit the GPU: "
+                         f"{first[:160]}; lower batch_size (--set batch_size=N)") from None
 
 
 def print_epoch(prefix: str, metrics: dict, epochs: int) -> None:
