@@ -118,8 +118,10 @@ def test_kubernetes_objects_validate_against_the_kubernetes_schemas():
     assert {"Namespace", "PersistentVolumeClaim", "Deployment", "StatefulSet", "Service", "Job", "Pod"} <= core
 
 
-# No package on PyPI ships KubeRay's CRDs (neither `kuberay` nor `kuberay-python-client` exist there), so the
-# fields rekd uses are written out here from KubeRay v1.6.2's API reference; a misspelt or misplaced field fails.
+# No package on PyPI ships KubeRay's CRDs (neither `kuberay` nor `kuberay-python-client` exist there; they live
+# in KubeRay's Helm chart and Go module, which the package registries this suite installs from do not carry),
+# so the fields rekd uses are written out here from KubeRay v1.6.2's API reference; a misspelt or misplaced
+# field fails.
 STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
 GROUP = {"rayStartParams": STRINGS, "template": {"type": "object", "required": ["spec"]}}
 KUBERAY = {
