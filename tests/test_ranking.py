@@ -91,3 +91,6 @@ def test_the_search_summary_and_rekd_best_name_the_same_best_trial_among_ties(tm
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert best_main(words[3:]) == 0 and (elsewhere / "best.yaml").is_file()
+    # and the rekd.final command it prints names that file wherever it is run from
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.endswith(f"-m rekd.final {elsewhere / 'best.yaml'} --seeds 3"), printed

@@ -189,7 +189,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(config_line(c, document, args.pareto))
     what = f"the Pareto front of search {name}" if args.pareto else f"search {name}"
     print(f"wrote {len(document['configs'])} configuration(s) of {what} to {out}; "
-          f"next: {python_command()} -m rekd.final {shlex.quote(str(out))} --seeds 3")
+          f"next: {python_command()} -m rekd.final {shlex.quote(str(out.resolve()))} --seeds 3")  # from any folder
     return 0
 
 
