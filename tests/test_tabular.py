@@ -167,6 +167,14 @@ def test_the_comparison_ranks_strategies_over_seeds_and_writes_its_table(table_f
     rows = summary_rows(outcomes)
     text = markdown(rows, 32, 3, ["sparse_kd"], "fake")
     assert text.count("\n| ") == 1 + len(chosen) and "random" in text
+    # paired with another strategy than random: the same seeds, the differences of their regrets
+    rows = {r["strategy"]: r for r in summary_rows(outcomes, against="TPE")}
+    by = {o.strategy: o.regrets() for o in outcomes}
+    difference = [a - b for a, b in zip(by["random"], by["TPE"])]
+    assert rows["random"]["vs_against"][0] == pytest.approx(sum(difference) / len(difference))
+    assert "vs_against" not in rows["TPE"]
+    text = markdown(list(rows.values()), 32, 3, ["sparse_kd"], "fake", against="TPE")
+    assert "| vs TPE at 32, paired 95 % CI |" in text and text.count("\n| random |") == 1
 
 
 def test_the_command_compares_on_a_table_file_and_refuses_what_it_cannot(table_file, tmp_path, capsys):
@@ -176,6 +184,9 @@ def test_the_command_compares_on_a_table_file_and_refuses_what_it_cannot(table_f
                                         "--plot", str(plot)], capsys)
     assert code == 0, err
     assert "| random |" in out and "| TPE |" in out and plot.stat().st_size > 0
+    code, out, err = run_command(main, ["compare", "--table", str(table_file), "--strategy", "random",
+                                        "--against", "TPE"], capsys)
+    assert_usage_error(code, out, err, "--against 'TPE' is not among the strategies compared; allowed: random")
     code, out, err = run_command(main, ["compare", "--table", str(table_file), "--strategy", "best"], capsys)
     assert_usage_error(code, out, err, "--strategy 'best' is not one; allowed: random | ")
     code, out, err = run_command(main, ["compare", "--table", str(tmp_path / "none.csv.gz")], capsys)

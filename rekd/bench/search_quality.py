@@ -135,14 +135,16 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, draws: int = 2000
     return means[int((1 - level) / 2 * draws)], means[min(int((1 + level) / 2 * draws), draws - 1)]
 
 
-def summary_rows(outcomes: Sequence[Outcome], target: float = TARGET_REGRET) -> list[dict]:
-    """One row per strategy over all modes: the numbers of the README's table."""
+def summary_rows(outcomes: Sequence[Outcome], target: float = TARGET_REGRET, against: Optional[str] = None) -> list[dict]:
+    """One row per strategy over all modes: the numbers of the README's table; with `against`, each strategy's
+    regret also paired by seed with that strategy's (how the shipped default was chosen)."""
     from rekd.stats import paired_ci
 
     rank_of = ranks(outcomes)
     rows = []
     names = list(dict.fromkeys(o.strategy for o in outcomes))
     reference = [r for o in outcomes if o.strategy == REFERENCE for r in o.regrets()]
+    other = [r for o in outcomes if o.strategy == against for r in o.regrets()]
     for name in names:
         mine = [o for o in outcomes if o.strategy == name]
         regrets = [r for o in mine for r in o.regrets()]
@@ -161,6 +163,8 @@ def summary_rows(outcomes: Sequence[Outcome], target: float = TARGET_REGRET) -> 
             # Several strategies against one reference: Bonferroni's correction says which differences survive.
             _, low, high = paired_ci(regrets, reference, level=1 - 0.05 / max(len(names) - 1, 1))
             row["survives_correction"] = low > 0 or high < 0
+        if other and name != against and len(other) == len(regrets):
+            row["vs_against"] = paired_ci(regrets, other)
         rows.append(row)
     return rows
 
@@ -170,19 +174,24 @@ def exhaustive_regret(path: Path, modes: Sequence[str], seeds: int) -> float:
     return statistics.mean(replay_of(str(path), mode).exhaustive_regret(seed) for mode in modes for seed in range(seeds))
 
 
+def interval(ci: Optional[tuple]) -> str:
+    return f"{ci[0] * 100:+.2f} [{ci[1] * 100:+.2f}, {ci[2] * 100:+.2f}]" if ci else "-"
+
+
 def markdown(rows: Sequence[dict], budget: int, seeds: int, modes: Sequence[str], table_name: str,
-             exhaustive: Optional[float] = None, target: float = TARGET_REGRET) -> str:
+             exhaustive: Optional[float] = None, target: float = TARGET_REGRET, against: Optional[str] = None) -> str:
     reference = next((r for r in rows if r["strategy"] == REFERENCE), None)
+    extra = f" vs {against} at {budget}, paired 95 % CI |" if against else ""
     lines = [f"{table_name}, {', '.join(modes)}; {seeds} seeds per mode, {budget} epochs per search; regret in points "
              f"of test accuracy; target regret {target * 100:g} points", "",
              f"| strategy | regret at {budget // 8} epochs | at {budget // 2} | at {budget} | vs random at {budget}, paired "
-             f"95 % CI | validation regret at {budget} | epochs to target (median) | reached | rank at budget (95 % CI) | "
-             "trials (full budget) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"95 % CI |{extra} validation regret at {budget} | epochs to target (median) | reached | rank at budget "
+             "(95 % CI) | trials (full budget) |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if against else "")]
     for r in sorted(rows, key=lambda r: r["rank"]):
-        vs = r.get("vs_random")
-        vs_text = f"{vs[0] * 100:+.2f} [{vs[1] * 100:+.2f}, {vs[2] * 100:+.2f}]" if vs else "-"
-        vs_text += " *" if r.get("survives_correction") else ""
+        vs_text = interval(r.get("vs_random")) + (" *" if r.get("survives_correction") else "")
+        if against:
+            vs_text += " | " + interval(r.get("vs_against"))
         to_target = r["median_to_target"]
         ratio = ""
         if reference and math.isfinite(to_target) and math.isfinite(reference["median_to_target"]):
@@ -246,6 +255,9 @@ def compare_command(args) -> int:
         raise UsageError(f"--seeds {args.seeds} is not allowed; allowed: an integer >= 2 (intervals need two)")
     if not 0 < args.target < 100:
         raise UsageError(f"--target {args.target} is not allowed; allowed: 0 < points < 100")
+    if args.against is not None and args.against not in [s.name for s in strategies]:
+        raise UsageError(f"--against {args.against!r} is not among the strategies compared; allowed: "
+                         + " | ".join(s.name for s in strategies))
     if args.budget is not None and args.budget < 1:
         raise UsageError(f"--budget {args.budget} is not allowed; allowed: an integer >= 1 (epochs)")
     workers = args.workers or os.cpu_count() or 1
@@ -254,7 +266,8 @@ def compare_command(args) -> int:
     budget = outcomes[0].budget
     target = args.target / 100
     exhaustive = exhaustive_regret(path, modes, args.seeds)
-    text = markdown(summary_rows(outcomes, target), budget, args.seeds, modes, path.name, exhaustive, target)
+    text = markdown(summary_rows(outcomes, target, args.against), budget, args.seeds, modes, path.name, exhaustive,
+                    target, args.against)
     print(text, end="")
     if args.markdown:
         Path(args.markdown).write_text(text)

@@ -41,6 +41,8 @@ def build_parser() -> Parser:
     c.add_argument("--target", type=float, default=0.5,
                    help="the target regret in points of test accuracy (default 0.5)")
     c.add_argument("--strategy", action="append", help="only these strategies (repeatable; default all)")
+    c.add_argument("--against", metavar="STRATEGY",
+                   help="also pair every strategy by seed with this one (as the default was chosen), not only random")
     c.add_argument("--plot", help="also plot regret against epochs spent to this PNG")
     c.add_argument("--markdown", help="also write the comparison as a Markdown table to this file")
     c.add_argument("--workers", type=int, default=0, help="processes replaying searches (default: one per CPU)")
