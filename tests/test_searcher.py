@@ -43,6 +43,29 @@ def test_stock_optuna_search_records_the_stopped_trial_as_complete(tmp_path):
     assert trials[1].value == pytest.approx(0.3) and trials[1].intermediate_values == {}
 
 
+def test_rays_own_optuna_search_records_the_stopped_trial_as_complete_as_the_stock_comparison_does(tmp_path):
+    """The premise of the fix and of `--stock-optuna`, checked against Ray's OptunaSearch itself."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from rekd.search.optuna_searcher import distribution, make_sampler
+
+    study = load_study("sparse_kd").with_overrides(fixed={"epochs": 3}, grace_period=1)
+    url = f"sqlite:///{tmp_path / 'ray.db'}"
+    searcher = OptunaSearch(space={p.name: distribution(p) for p in study.params}, metric="val_acc", mode="max",
+                            sampler=make_sampler(study), study_name="s", storage=optuna.storages.RDBStorage(url))
+    for trial_id in ("full", "stopped"):
+        assert set(searcher.suggest(trial_id)) == {"prune_ratio", "temperature", "alpha"}
+    for epoch, value in ((1, 0.5), (2, 0.7)):
+        searcher.on_trial_result("full", {"val_acc": value, "epoch": epoch, "training_iteration": epoch})
+    searcher.on_trial_complete("full", {"val_acc": 0.8, "epoch": 3, "training_iteration": 3})
+    searcher.on_trial_complete("stopped", {"val_acc": 0.3, "epoch": 1, "training_iteration": 1})
+    ray_trials = optuna.load_study(study_name="s", storage=url).trials
+    stock = drive(stock=True, tmp_path=tmp_path)
+    for ours, rays in ((stock[0], ray_trials[0]), (stock[1], ray_trials[1])):
+        assert (ours.state, ours.value, ours.intermediate_values) == (rays.state, rays.value, rays.intermediate_values)
+    assert ray_trials[1].state == optuna.trial.TrialState.COMPLETE and ray_trials[1].value == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random"])
 def test_with_two_objectives_a_full_trial_is_complete_with_both_values_and_a_stopped_one_pruned(sampler, tmp_path):
     study = load_study("pareto").with_overrides(fixed={"epochs": 3}, sampler=sampler)

@@ -1,4 +1,6 @@
-"""The dataset registry: name -> how to load it and its default number of timesteps."""
+"""The dataset registry: name -> how to load it and its default number of timesteps. Each dataset has its
+file (digits, ndigits, cifar100, dvsgesture); splits and batches (splits), event frames and their cache
+(frames), and small files in the real on-disk formats for the tests and benchmarks (synthetic)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

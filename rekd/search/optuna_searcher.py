@@ -34,7 +34,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from rekd.search.study import Param, Study
-from rekd.tracking.outcomes import STOP_REASON
+from rekd.tracking.outcomes import COMPLETED, EPOCH, STOP_REASON, STOPPED_EARLY, ended
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ CONTINUES_ATTR = "rekd.continues"
 STOPPED_VALUES_ATTR = "rekd.stopped_values"  # multi-objective: {metric: value} at the epoch it was stopped
 STOPPED_AT_ATTR = "rekd.stopped_at_epoch"
 INTERRUPTED_ATTR = "rekd.interrupted_trials"
-EPOCH_KEY = "epoch"  # rekd's own per-epoch counter: survives trial restarts, unlike Tune's iteration
 
 TrialState = optuna.trial.TrialState
 LIVE = ("study", "storage", "open_trials")  # connections and objects opened from the saved state
@@ -279,11 +278,17 @@ class PrunedAwareOptunaSearch(ResumableOptunaSearch):
         self.max_epochs = max_epochs
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if result and result.get(STOP_REASON):  # NaN loss or out of memory: a failed configuration
-            return super().on_trial_complete(trial_id, None, error=True)
-        epoch = (result or {}).get(EPOCH_KEY)
-        if error or epoch is None or epoch >= self.max_epochs or trial_id in self.completed:
+        if error or trial_id in self.completed:
             return super().on_trial_complete(trial_id, result, error)
+        # The outcome the trial's run and the summary get; a result without rekd's keys is told as Ray's
+        # OptunaSearch would tell it (COMPLETE).
+        rekds = result and (EPOCH in result or STOP_REASON in result)
+        outcome = ended(result, self.max_epochs) if rekds else COMPLETED
+        if outcome == COMPLETED:
+            return super().on_trial_complete(trial_id, result, error)
+        if outcome != STOPPED_EARLY:  # it stopped itself (NaN loss, out of memory): a failed configuration
+            return super().on_trial_complete(trial_id, None, error=True)
+        epoch = result[EPOCH]
         # Earlier epochs were reported by on_trial_result; the result ASHA stopped the trial on reaches
         # only this method, so it is reported here and becomes the pruned trial's value.
         value = self.values(result)
