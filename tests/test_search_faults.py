@@ -252,3 +252,15 @@ def test_a_killed_driver_resumes_its_search_without_rerunning_finished_trials(tm
     assert len([t for t in study.trials if t.state in finished]) == 6
     # a trial asked just before the driver died, unknown to the restored searcher, is closed as failed
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+
+
+def test_a_store_down_when_a_resumed_search_closes_the_lost_trials_runs_is_a_warning_not_a_failure(monkeypatch, capsys):
+    from rekd.search.driver import close_lost_runs
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's client would retry for minutes
+    close_lost_runs(MlflowClient(f"http://127.0.0.1:{free_port()}"), "1", "parent", [])  # nothing listens there
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the runs of trials lost with the earlier driver could "
+                                               "not be closed (they stay RUNNING in MLflow): "), err
+    with pytest.raises(AttributeError):  # a bug is still raised, not taken for an outage
+        close_lost_runs(None, "1", "parent", [])

@@ -33,7 +33,7 @@ from rekd.search.moasha import MultiObjectiveASHA
 from rekd.tracking.runs import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line,
                                 flat_params)
 from rekd.tracking.tune_callback import MlflowTrialTracker
-from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, describe_unsent, unsent_reason, warn_refused
+from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, describe_unsent, transient, unsent_reason, warn_refused
 from rekd.search.unsent import keep_unsent
 from rekd.tracking.store import open_store
 
@@ -361,12 +361,20 @@ def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, re
     """Runs of trials that started after the dead driver's last experiment snapshot: Tune does not know
     them after a resume (their work is lost and their slot re-run), so they are closed and tagged."""
     known = {str((r.metrics or {}).get("trial_id")) for r in results}
-    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                                  max_results=10000)
-    for run in children:
-        if run.data.tags.get("rekd.trial_id") not in known and run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, OUTCOME_TAG, outcomes.LOST_WITH_DRIVER)
-            client.set_terminated(run.info.run_id, "KILLED")
+    try:
+        children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                      max_results=10000)
+        for run in children:
+            if run.data.tags.get("rekd.trial_id") not in known and run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, OUTCOME_TAG, outcomes.LOST_WITH_DRIVER)
+                client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as e:
+        if not transient(e):
+            raise
+        # The search itself has ended: an outage now must not turn it into a failure. The summary's calls
+        # still queue and wait for the store; only these stale runs stay RUNNING in MLflow.
+        print(f"warning: the runs of trials lost with the earlier driver could not be closed (they stay "
+              f"RUNNING in MLflow): {first_line(e)}", file=sys.stderr)
 
 
 def report_unsent(unsent: list, experiment_dir, tracker: MlflowTrialTracker) -> None:
