@@ -31,12 +31,11 @@ from rekd.errors import UsageError
 from rekd.service import http_ok, port_free, wait_for
 from rekd.tracking.links import DEFAULT_PORT, HOST, TRAINING_VIEW, experiment_url
 from rekd.tracking.store import STORE_FILE, check_tracking_uri, hold, sqlite_path
+from rekd.tracking.tags import ROLE_TAG  # names only: MLflow is not loaded
 
 PROG = "python -m rekd.ui"
 DEFAULT_FOLDER = "rekd-results"
 ALLOWED_STORES = f"a results folder holding {STORE_FILE}, or sqlite:////ABSOLUTE/PATH/mlflow.db"
-# rekd.tracking.runs.ROLE_TAG, on every run rekd makes; not imported, as that module loads MLflow (seconds).
-ROLE_TAG = "rekd.role"
 STOP_TIMEOUT_S = 15.0  # past this the server's group gets SIGKILL
 
 

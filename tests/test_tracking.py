@@ -1,7 +1,8 @@
 """The MLflow tracker on a real (sqlite) store: every result arrives, in order, gathered into few calls."""
 from types import SimpleNamespace
 
-from rekd.tracking.runs import OUTCOME_TAG, client_for
+from rekd.tracking.runs import client_for
+from rekd.tracking.tags import OUTCOME_TAG
 from rekd.tracking.store import ensure_experiment
 from rekd.tracking.tune_callback import MlflowTrialTracker
 
@@ -136,7 +137,8 @@ def test_a_writer_makes_each_key_s_child_run_as_its_command_names_it(tmp_path):
     tagged by the command, each key's settings, metrics and end in order."""
     from mlflow.entities import Metric, Param
 
-    from rekd.tracking.runs import PARENT_TAG, ROLE_TAG, create_parent_run
+    from rekd.tracking.runs import create_parent_run
+    from rekd.tracking.tags import PARENT_TAG, ROLE_TAG
     from rekd.tracking.writer import RunWriter
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

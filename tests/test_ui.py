@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from rekd import ui
 from rekd.tracking import links
 from rekd.cli import python_command
-from rekd.tracking.runs import ROLE_TAG
+from rekd.tracking.tags import ROLE_TAG
 from processes import cmdline, descendants, free_port
 from usage import assert_usage_error
 

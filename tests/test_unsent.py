@@ -11,7 +11,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 
 from processes import free_port
-from rekd.tracking.runs import OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG, client_for
+from rekd.tracking.runs import client_for
+from rekd.tracking.tags import OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG
 from rekd.tracking.tune_callback import MlflowTrialTracker
 from rekd.search.unsent import FILE_NAME, keep_unsent, load, main, write
 from usage import assert_usage_error

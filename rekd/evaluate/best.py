@@ -21,6 +21,8 @@ from rekd.config import FIELD_TYPES, TrainConfig, parse_value
 from rekd.errors import UsageError
 from rekd.search.ranking import MODES, PARETO_RULE, RULE, pareto_ranked, rank_key
 from rekd.search.study import parse_objectives_text
+from rekd.tracking.outcomes import FINISHED
+from rekd.tracking.tags import OUTCOME_TAG, SEARCH_TAG, TRIAL_TAG
 from rekd.tracking import outcomes
 
 PROG = "python -m rekd.best"
@@ -65,7 +67,7 @@ def describe_search(parent, experiment: str, newest: bool) -> str:
     """The line that says which search the ranking comes from, and whether it ended."""
     tags = parent.data.tags
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000))
-    outcome = tags.get("rekd.outcome", parent.info.status.lower())
+    outcome = tags.get(OUTCOME_TAG, parent.info.status.lower())
     trials = parent.data.params.get("num_samples", "?")
     line = (f"search {tags.get('rekd.search', parent.info.run_name)} ({'the newest ' if newest else ''}in experiment "
             f"{experiment!r}, started {started}, {trials} trials, {outcome}; parent run {parent.info.run_id})")
@@ -85,11 +87,11 @@ def objectives_of(parent) -> list[tuple[str, str]]:
 
 
 def _outcome(run) -> str:
-    return run.data.tags.get("rekd.outcome", "")
+    return run.data.tags.get(OUTCOME_TAG, "")
 
 
 def _trial_id(run) -> str:
-    return run.data.tags.get("rekd.trial_id", run.info.run_id)
+    return run.data.tags.get(TRIAL_TAG, run.info.run_id)
 
 
 def ranked_trials(client, experiment_id: str, parent, objectives: list[tuple[str, str]],
@@ -120,12 +122,12 @@ def config_entry(rank: int, run, objectives: list[tuple[str, str]], front: Optio
     """One configuration of the file: the first objective under its own key as before (readers of a
     single-objective file keep working), every objective and the front when there are several."""
     metric = objectives[0][0]
-    entry = {"rank": rank, "run_id": run.info.run_id, "trial_id": run.data.tags.get("rekd.trial_id", ""),
+    entry = {"rank": rank, "run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_TAG, ""),
              metric: run.data.metrics[metric]}
     if len(objectives) > 1:
         entry["objectives"] = {m: run.data.metrics[m] for m, _ in objectives}
         entry["front"] = front
-    entry["outcome"] = run.data.tags.get("rekd.outcome")
+    entry["outcome"] = run.data.tags.get(OUTCOME_TAG)
     entry["settings"] = settings_from_params(run.data.params, f"run {run.info.run_id}")
     return entry
 
@@ -152,14 +154,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     client, experiment_id, uri = open_experiment(args)
     parent = find_search(client, experiment_id, args.search)
     print(describe_search(parent, args.experiment, args.search is None), flush=True)
-    name = parent.data.tags.get("rekd.search", parent.info.run_name)
+    name = parent.data.tags.get(SEARCH_TAG, parent.info.run_name)
     objectives = objectives_of(parent)
     several = len(objectives) > 1
     if args.pareto and not several:
         metric, mode = objectives[0]
         raise UsageError(f"search {name!r} has one objective, {metric} ({mode}): it has no Pareto front; "
                          f"--top ranks its trials by {metric}")
-    if parent.data.tags.get("rekd.outcome", "finished") != "finished":
+    if parent.data.tags.get(OUTCOME_TAG, FINISHED) != FINISHED:
         print(f"warning: search {parent.info.run_name} is {parent.data.tags['rekd.outcome']}, not finished: "
               "its ranking covers only the trials it has so far", file=sys.stderr)
     ranked = ranked_trials(client, experiment_id, parent, objectives, args.include_stopped)

@@ -31,7 +31,8 @@ from rekd.search.ranking import MODES
 from rekd.search.study import METRICS
 from rekd.stats import mean_std, paired
 from rekd.snn.teachers import cpu_weights, dense_baseline, store_teacher
-from rekd.tracking.runs import ROLE_TAG, create_parent_run, numeric_metrics
+from rekd.tracking.runs import create_parent_run, numeric_metrics
+from rekd.tracking.tags import ROLE_TAG
 from rekd.tracking.store import check_tracking_uri, open_store, pick_tracking_uri
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, RunWriter, warn_unlogged
 from rekd.train.loop import resolve, train

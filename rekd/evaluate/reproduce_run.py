@@ -27,7 +27,8 @@ from rekd.evaluate import structure_table
 from rekd.evaluate.tables import csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.snn.teachers import cpu_weights
-from rekd.tracking.runs import ROLE_TAG, create_parent_run, flat_params, numeric_metrics
+from rekd.tracking.runs import create_parent_run, flat_params, numeric_metrics
+from rekd.tracking.tags import ROLE_TAG
 from rekd.tracking.store import open_store
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, ChildRun, RunWriter, warn_unlogged
 from rekd.train.loop import train

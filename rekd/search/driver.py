@@ -30,8 +30,8 @@ from rekd.search.state import OPTUNA_FILE, default_store_uri, write_state
 from rekd.search.optuna_searcher import ResumableOptunaSearch, close_unfinished, make_searcher
 from rekd.search.asha import ResumableASHA
 from rekd.search.moasha import MultiObjectiveASHA
-from rekd.tracking.runs import (INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, create_parent_run, first_line,
-                                flat_params)
+from rekd.tracking.runs import create_parent_run, first_line, flat_params
+from rekd.tracking.tags import ERROR_TAG, INTERRUPTED_TAG, OUTCOME_TAG, ROLE_TAG, SEARCH_TAG, TRIAL_TAG
 from rekd.tracking.tune_callback import MlflowTrialTracker
 from rekd.tracking.writer import FAILED_GRACE_S, GRACE_S, describe_unsent, transient, unsent_reason, warn_refused
 from rekd.search.unsent import keep_unsent
@@ -178,14 +178,14 @@ def open_parent(plan: SearchPlan, client: MlflowClient, experiment_id: str) -> s
     if plan.resume:  # the parent run of the interrupted or dead driver goes on
         parent_id = plan.resume["parent_run_id"]
         client.update_run(parent_id, status="RUNNING")
-        client.log_batch(parent_id, tags=[RunTag("rekd.resumed", "true"), RunTag(OUTCOME_TAG, "running")])
+        client.log_batch(parent_id, tags=[RunTag("rekd.resumed", "true"), RunTag(OUTCOME_TAG, outcomes.RUNNING)])
         if INTERRUPTED_TAG in client.get_run(parent_id).data.tags:
             client.delete_tag(parent_id, INTERRUPTED_TAG)
         print(f"resuming search {plan.name}: MLflow parent run {parent_id}", flush=True)
         return parent_id
     parent_id = create_parent_run(client, experiment_id, plan.name, params=parent_params(plan),
                                   tags={ROLE_TAG: "search", SEARCH_TAG: plan.name, "rekd.study": plan.study.name,
-                                        OUTCOME_TAG: "running"})
+                                        OUTCOME_TAG: outcomes.RUNNING})
     client.log_artifact(parent_id, str(plan.study.path), artifact_path="study")
     write_state(experiment_dir, list(plan.argv), parent_id, experiment_id, plan.tracking_uri,
                 default_store=plan.tracking_uri == default_store_uri(plan.local_path))
@@ -310,7 +310,7 @@ class Search:
         closed as FAIL until --resume continues them. Returns their trial ids."""
         tracker = self.tracker
         stopped = tracker.end_unfinished(outcomes.INTERRUPTED, "KILLED", {INTERRUPTED_TAG: interruption.name})
-        tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "interrupted"),
+        tracker.log_parent(tags=[RunTag(OUTCOME_TAG, outcomes.INTERRUPTED),
                                  RunTag(INTERRUPTED_TAG, interruption.name)])
         try:
             close_unfinished(self.optuna_url, self.plan.name)
@@ -337,8 +337,8 @@ class Search:
         storage = storage_error(error)
         reason = f"the results folder {self.experiment_dir} became unwritable: {storage}" if storage \
             else first_line(error)
-        tracker.end_unfinished(outcomes.SEARCH_FAILED, "FAILED", {"rekd.error": reason[:500]})
-        tracker.log_parent(tags=[RunTag(OUTCOME_TAG, "failed"), RunTag("rekd.error", reason[:500])])
+        tracker.end_unfinished(outcomes.SEARCH_FAILED, "FAILED", {ERROR_TAG: reason[:500]})
+        tracker.log_parent(tags=[RunTag(OUTCOME_TAG, outcomes.FAILED), RunTag(ERROR_TAG, reason[:500])])
         tracker.end_parent("FAILED")
         report_unsent(tracker.close(timeout=ABORT_GRACE_S), self.experiment_dir, tracker)
         if storage is None:
@@ -365,7 +365,7 @@ def close_lost_runs(client: MlflowClient, experiment_id: str, parent_id: str, re
         children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
                                       max_results=10000)
         for run in children:
-            if run.data.tags.get("rekd.trial_id") not in known and run.info.status == "RUNNING":
+            if run.data.tags.get(TRIAL_TAG) not in known and run.info.status == "RUNNING":
                 client.set_tag(run.info.run_id, OUTCOME_TAG, outcomes.LOST_WITH_DRIVER)
                 client.set_terminated(run.info.run_id, "KILLED")
     except Exception as e:

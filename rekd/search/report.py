@@ -20,7 +20,7 @@ from rekd.search import trial_storage
 from rekd.cli import python_command
 from rekd.search.front import Front, make_front, plot as plot_front, write_csv
 from rekd.search.ranking import rank_key
-from rekd.tracking.runs import OUTCOME_TAG
+from rekd.tracking.tags import OUTCOME_TAG
 from rekd.tracking import outcomes
 from rekd.tracking.links import ui_hint
 
@@ -87,7 +87,7 @@ class Summary:
             tags.append(RunTag("rekd.pareto_trials", ",".join(r.trial_id for r in front.points)[:5000]))
             tags += [RunTag(k, v) for k, v in front.box().items()]
         if final:  # an interruption tags the parent itself (rekd.search.driver), summary or not
-            tags.append(RunTag(OUTCOME_TAG, "finished"))
+            tags.append(RunTag(OUTCOME_TAG, outcomes.FINISHED))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in self.metrics().items()]
         if front is not None:

@@ -22,8 +22,8 @@ from rekd.cli import Parser, python_command, run
 from rekd.errors import UsageError
 from rekd.locks import FileLock, Held
 from rekd.search.state import LOCK_FILE
-from rekd.tracking.runs import (BATCH_LIMITS, INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG,
-                                client_for, first_line, flat_params)
+from rekd.tracking.runs import BATCH_LIMITS, client_for, first_line, flat_params
+from rekd.tracking.tags import INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG, TRIAL_TAG
 from rekd.tracking.writer import refused_for_good
 from rekd.tracking.store import check_tracking_uri, redacted, sqlite_path
 
@@ -155,7 +155,7 @@ class Replay:
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial}", tags={
                 PARENT_TAG: self.header["parent_run_id"], ROLE_TAG: "trial", SEARCH_TAG: self.header["search"],
-                "rekd.trial_id": trial})
+                TRIAL_TAG: trial})
             self.runs[trial] = run.info.run_id
             return True
         self.runs[trial], run = run_id, self.run(run_id)

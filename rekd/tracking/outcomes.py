@@ -16,6 +16,11 @@ INTERRUPTED = "interrupted"  # SIGINT/SIGTERM stopped the search while it ran; -
 SEARCH_FAILED = "search_failed"  # the search itself failed while the trial ran
 LOST_WITH_DRIVER = "lost_with_driver"  # started after the dead driver's last snapshot: its work is lost
 
+# A search's parent run: running, then finished, interrupted (INTERRUPTED) or failed.
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
+
 STOPPED_ITSELF = (NON_FINITE_LOSS, CUDA_OOM, CUDA_UNUSABLE)
 # Every outcome a finished search's summary counts (zeros included).
 SUMMARY_OUTCOMES = (COMPLETED, STOPPED_EARLY, ERRORED, *STOPPED_ITSELF, INTERRUPTED)

@@ -27,18 +27,6 @@ for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQ
 
 BATCH_LIMITS = (1000, 100, 100)  # metrics, params, tags: the most MLflow takes in one log_batch
 
-PARENT_TAG = "mlflow.parentRunId"
-ROLE_TAG = "rekd.role"  # search | trial | final | final_run | reproduce | reproduce_run
-SEARCH_TAG = "rekd.search"  # the search's name, on the parent and on every child
-OUTCOME_TAG = "rekd.outcome"
-INTERRUPTED_TAG = "rekd.interrupted_by"  # SIGINT | SIGTERM, on runs an interruption stopped
-TRIAL_TAG = "rekd.trial_id"  # on a trial's run: how a resumed driver finds it again
-RERUN_TAG = "rekd.rerun_epochs"  # "first-last": epochs a continued trial ran again (their checkpoint was lost)
-# Where a trial runs (and what it continued from), as its results say (rekd.search.trainable) -> its run's tags.
-# rekd.node_ids lists every node it ran on, in order: a trial restored on another node after a node failure shows both.
-PLACEMENT_TAGS = {"node_id": "rekd.node_id", "device": "rekd.device", "gpu_ids": "rekd.gpu_ids",
-                  "restored_from": "rekd.restored_from"}  # the checkpoint a continued trial started from
-NODES_TAG = "rekd.node_ids"
 # Bookkeeping Tune adds to every result; not metrics of the network.
 TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s",
              "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",

@@ -20,8 +20,8 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from rekd.tracking import outcomes
-from rekd.tracking.runs import (NODES_TAG, OUTCOME_TAG, PLACEMENT_TAGS, ROLE_TAG, SEARCH_TAG, TRIAL_TAG, error_summary,
-                                numeric_metrics)
+from rekd.tracking.runs import error_summary, numeric_metrics
+from rekd.tracking.tags import ERROR_TAG, NODES_TAG, OUTCOME_TAG, PLACEMENT_TAGS, ROLE_TAG, SEARCH_TAG, TRIAL_TAG
 from rekd.tracking.writer import RunWriter
 
 
@@ -117,7 +117,7 @@ class MlflowTrialTracker(Callback, RunWriter):
             error = Path(trial.error_file).read_text()
         reason = error_summary(error) if error is not None else "error"
         self.end_trial(trial.trial_id, outcomes.ended(trial.last_result, self.epochs, errored=True), "FAILED",
-                       {"rekd.error": reason[:500]})
+                       {ERROR_TAG: reason[:500]})
 
     def end_trial(self, trial_id: str, outcome: str, status: str, extra: Optional[dict] = None) -> None:
         self.unfinished.discard(trial_id)

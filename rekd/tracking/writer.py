@@ -29,8 +29,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rekd.tracking.runs import (BATCH_LIMITS, INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, RERUN_TAG, ArtifactFolderGone,
-                                client_for, first_line, flat_params, missing_artifact_folder)
+from rekd.tracking.runs import (BATCH_LIMITS, ArtifactFolderGone, client_for, first_line, flat_params,
+                                missing_artifact_folder)
+from rekd.tracking.tags import INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, RERUN_TAG
 
 log = logging.getLogger(__name__)
 
