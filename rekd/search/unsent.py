@@ -22,8 +22,8 @@ from rekd.cli import Parser, python_command, run
 from rekd.errors import UsageError
 from rekd.locks import FileLock, Held
 from rekd.search.state import LOCK_FILE
-from rekd.tracking.runs import BATCH_LIMITS, client_for, first_line, flat_params
-from rekd.tracking.tags import INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SEARCH_TAG, TRIAL_TAG
+from rekd.tracking.runs import BATCH_LIMITS, client_for, first_line, flat_params, trial_run
+from rekd.tracking.tags import INTERRUPTED_TAG, OUTCOME_TAG, PARENT_TAG, TRIAL_TAG
 from rekd.tracking.writer import refused_for_good
 from rekd.tracking.store import check_tracking_uri, redacted, sqlite_path
 
@@ -153,9 +153,9 @@ class Replay:
         """The trial's run: the one there (reopened, as the tracker does for a continued trial) or a new one."""
         run_id = self.runs.get(trial) or self.find(trial)
         if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial}", tags={
-                PARENT_TAG: self.header["parent_run_id"], ROLE_TAG: "trial", SEARCH_TAG: self.header["search"],
-                TRIAL_TAG: trial})
+            name, tags = trial_run(self.header["search"], trial)  # as the driver's tracker makes it
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={PARENT_TAG: self.header["parent_run_id"], **tags})
             self.runs[trial] = run.info.run_id
             return True
         self.runs[trial], run = run_id, self.run(run_id)
@@ -196,7 +196,7 @@ class Replay:
 
     def find(self, trial: str) -> Optional[str]:
         found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.`{PARENT_TAG}` = '{self.header['parent_run_id']}' and tags.`rekd.trial_id` = '{trial}'"))
+            f"tags.`{PARENT_TAG}` = '{self.header['parent_run_id']}' and tags.`{TRIAL_TAG}` = '{trial}'"))
         return found[0].info.run_id if found else None
 
     def run(self, run_id: str) -> dict:

@@ -18,6 +18,8 @@ from urllib.request import url2pathname
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from rekd.tracking.tags import ROLE_TAG, SEARCH_TAG, TRIAL_TAG
+
 
 # MLflow's client retries a dead server for minutes by default (5 retries, backoff 2, 120 s timeout):
 # a tracking call should fail in well under a minute instead. Users can still set their own values.
@@ -31,6 +33,11 @@ BATCH_LIMITS = (1000, 100, 100)  # metrics, params, tags: the most MLflow takes 
 TUNE_KEYS = {"done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s",
              "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
              "checkpoint_dir_name", "should_checkpoint", "experiment_tag"}
+
+
+def trial_run(search_name: str, trial_id: str) -> tuple[str, dict[str, str]]:
+    """A trial's run: its name and tags (the writer, or rekd.unsent's replay, adds the parent's id)."""
+    return f"trial-{trial_id}", {ROLE_TAG: "trial", SEARCH_TAG: search_name, TRIAL_TAG: trial_id}
 
 
 def client_for(tracking_uri: str) -> MlflowClient:

@@ -20,14 +20,9 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from rekd.tracking import outcomes
-from rekd.tracking.runs import error_summary, numeric_metrics
-from rekd.tracking.tags import ERROR_TAG, NODES_TAG, OUTCOME_TAG, PLACEMENT_TAGS, ROLE_TAG, SEARCH_TAG, TRIAL_TAG
+from rekd.tracking.runs import error_summary, numeric_metrics, trial_run
+from rekd.tracking.tags import ERROR_TAG, NODES_TAG, OUTCOME_TAG, PLACEMENT_TAGS, TRIAL_TAG
 from rekd.tracking.writer import RunWriter
-
-
-def trial_run(search_name: str, trial_id: str) -> tuple[str, dict[str, str]]:
-    """A trial's run: its name and tags (the writer adds the parent's id)."""
-    return f"trial-{trial_id}", {ROLE_TAG: "trial", SEARCH_TAG: search_name, TRIAL_TAG: trial_id}
 
 
 _ACTIVE: "weakref.WeakSet[MlflowTrialTracker]" = weakref.WeakSet()
