@@ -21,7 +21,6 @@ from rekd.config import FIELD_TYPES, TrainConfig, parse_value
 from rekd.errors import UsageError
 from rekd.search.ranking import MODES, PARETO_RULE, RULE, pareto_ranked, rank_key
 from rekd.search.study import parse_objectives_text
-from rekd.tracking.outcomes import FINISHED
 from rekd.tracking.tags import OUTCOME_TAG, SEARCH_TAG, TRIAL_TAG
 from rekd.tracking import outcomes
 
@@ -69,7 +68,7 @@ def describe_search(parent, experiment: str, newest: bool) -> str:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000))
     outcome = tags.get(OUTCOME_TAG, parent.info.status.lower())
     trials = parent.data.params.get("num_samples", "?")
-    line = (f"search {tags.get('rekd.search', parent.info.run_name)} ({'the newest ' if newest else ''}in experiment "
+    line = (f"search {tags.get(SEARCH_TAG, parent.info.run_name)} ({'the newest ' if newest else ''}in experiment "
             f"{experiment!r}, started {started}, {trials} trials, {outcome}; parent run {parent.info.run_id})")
     return line
 
@@ -161,8 +160,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         metric, mode = objectives[0]
         raise UsageError(f"search {name!r} has one objective, {metric} ({mode}): it has no Pareto front; "
                          f"--top ranks its trials by {metric}")
-    if parent.data.tags.get(OUTCOME_TAG, FINISHED) != FINISHED:
-        print(f"warning: search {parent.info.run_name} is {parent.data.tags['rekd.outcome']}, not finished: "
+    if parent.data.tags.get(OUTCOME_TAG, outcomes.FINISHED) != outcomes.FINISHED:
+        print(f"warning: search {parent.info.run_name} is {parent.data.tags[OUTCOME_TAG]}, not finished: "
               "its ranking covers only the trials it has so far", file=sys.stderr)
     ranked = ranked_trials(client, experiment_id, parent, objectives, args.include_stopped)
     chosen = on_front(ranked, objectives) if args.pareto else ranked[:args.top or DEFAULT_TOP]

@@ -210,7 +210,6 @@ def check(base: TrainConfig, budgets: tuple[int, ...], seeds: tuple[int, ...], o
             print(f"{r['epochs']} epochs seed {r['seed']}: test_acc={r['test_acc'][-1]:.4f} "
                   f"({r['wall_s']:.0f} s; {new}/{len(configs)} done)", flush=True)
     except KeyboardInterrupt:
-        pool.terminate()
         kept_where = f"kept in {path}" if new or runs else "finished"
         print(f"interrupted: {new} of {len(configs)} runs {kept_where}; the same command trains the rest",
               file=sys.stderr)
