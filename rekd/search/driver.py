@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from rekd.cli import python_command
 from rekd.datasets import DataSplits, load_dataset
-from rekd.search.interrupt import Interruption
+from rekd.search.interrupt import Interruption, deferred
 from rekd.search import trial_storage
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray, stop_ray
 from rekd.config import TrainConfig
@@ -280,14 +280,17 @@ class Search:
     def finish(self, results, interruption: Interruption) -> int:
         """Tune returned: the search ended, or stopped cleanly on the first signal."""
         plan, tracker = self.plan, self.tracker
-        if plan.resume:
-            close_lost_runs(self.client, self.experiment_id, self.parent_id, results)
-        interrupted = interruption.signum is not None
-        stopped = self.close_unfinished(interruption) if interrupted else []
-        summary = summarize(plan, results, self.optuna_url, self.experiment_dir, interrupted=set(stopped))
-        summary.log_to(tracker, final=not interrupted)
-        tracker.end_parent("KILLED" if interrupted else "FINISHED")
+        with deferred():  # a signal now aborts once the record of the end is whole
+            if plan.resume:
+                close_lost_runs(self.client, self.experiment_id, self.parent_id, results)
+            interrupted = interruption.signum is not None
+            stopped = self.close_unfinished(interruption) if interrupted else []
+            summary = summarize(plan, results, self.optuna_url, self.experiment_dir, interrupted=set(stopped))
+            summary.log_to(tracker, final=not interrupted)
+            tracker.end_parent("KILLED" if interrupted else "FINISHED")
+        # A signal while this waits for an unreachable tracking server aborts: the wait is cut to seconds.
         unsent = tracker.close(timeout=FAILED_GRACE_S if interrupted else GRACE_S)
+        interruption.closing = True
         self.release_ray()
         summary.print(plan, self.experiment_id, self.parent_id)
         report_unsent(unsent, self.experiment_dir, tracker)
@@ -326,6 +329,7 @@ class Search:
     def abort(self, error: BaseException, interruption: Interruption) -> int:
         """Tune raised: a second signal (abort), a results folder that became unwritable, or a bug."""
         plan, tracker = self.plan, self.tracker
+        interruption.closing = True  # a further signal must not cut the closing of the records short
         if isinstance(error, KeyboardInterrupt) or interruption.aborted:
             self.close_unfinished(interruption)
             tracker.end_parent("KILLED")

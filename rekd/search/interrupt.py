@@ -6,12 +6,19 @@ exits at once. Here both signals are the driver's: the first asks Tune to stop t
 documented equivalent of Ctrl-C (it saves the experiment state and stops the trials at their last
 per-epoch checkpoint) and remembers that the search was interrupted; the second raises
 KeyboardInterrupt, so the driver closes its records and exits within seconds.
+
+A KeyboardInterrupt must not land inside a write to a store the driver closes afterwards: a SQLite
+statement cut short keeps its lock for as long as the interrupted frames live (the exception's traceback
+holds them), and closing the Optuna trials in the same file then fails as "database is locked", leaving
+them RUNNING. So Optuna's calls run `deferred()` (a signal during one is raised when it returns), and
+while the driver closes its records (`closing`) a further signal is only remembered.
 """
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -21,15 +28,22 @@ class Interruption:
         self.prog = prog
         self.signum: Optional[int] = None  # the first signal received
         self.tune_running = False  # whether Tune's loop is there to stop cleanly
-        self.aborted = False  # a signal raised KeyboardInterrupt
+        self.aborted = False  # a signal raised (or would have raised) KeyboardInterrupt
+        self.closing = False  # the driver is closing its records: a signal is remembered, never raised
+        self._deferring = 0  # depth of deferred() blocks
+        self._pending = False  # a KeyboardInterrupt for the end of the outermost deferred() block
         self._previous: dict = {}
 
     def __enter__(self) -> "Interruption":
+        global _active
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _active = self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
+        _active = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -46,8 +60,34 @@ class Interruption:
         if self.signum is not None or not self.tune_running or not callable(signal.getsignal(signal.SIGUSR1)):
             self.signum = self.signum or signum
             self.aborted = True  # KeyboardInterrupt may reach the driver wrapped (raised inside an import, say)
+            if self.closing:
+                return
+            if self._deferring:
+                self._pending = True
+                return
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{self.prog}: {self.name} received: stopping the trials at their last checkpoint "
               "(again to abort now)", file=sys.stderr, flush=True)
         signal.raise_signal(signal.SIGUSR1)
+
+
+_active: Optional[Interruption] = None  # the driver's, while its handlers are installed
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Run a store's write whole: a signal that would raise KeyboardInterrupt inside the block raises it
+    when the block ends (outside a driver's Interruption, nothing changes)."""
+    interruption = _active
+    if interruption is None:
+        yield
+        return
+    interruption._deferring += 1
+    try:
+        yield
+    finally:
+        interruption._deferring -= 1
+    if not interruption._deferring and interruption._pending and not interruption.closing:
+        interruption._pending = False
+        raise KeyboardInterrupt

@@ -33,6 +33,7 @@ from ray.tune.result import DEFAULT_METRIC, TRAINING_ITERATION
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from rekd.search.interrupt import deferred
 from rekd.search.study import Param, Study
 from rekd.tracking.outcomes import COMPLETED, EPOCH, STOP_REASON, STOPPED_EARLY, ended
 
@@ -184,11 +185,12 @@ class ResumableOptunaSearch(Searcher):
         if not self.metric or not self.mode:
             raise RuntimeError(f"{type(self).__name__} has no metric ({self.metric}) or mode ({self.mode}): pass "
                                "them to it or to tune.TuneConfig()")
-        if trial_id not in self.trial_numbers:
-            trial = self.connected().ask(fixed_distributions=self.space)
-            self.trial_numbers[trial_id] = trial.number
-            self.open_trials[trial.number] = trial
-        return nested(self.optuna_trial(trial_id).params)
+        with deferred():  # an Optuna call is never cut short by Ctrl-C (see rekd.search.interrupt)
+            if trial_id not in self.trial_numbers:
+                trial = self.connected().ask(fixed_distributions=self.space)
+                self.trial_numbers[trial_id] = trial.number
+                self.open_trials[trial.number] = trial
+            return nested(self.optuna_trial(trial_id).params)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.completed:
@@ -196,7 +198,8 @@ class ResumableOptunaSearch(Searcher):
             return
         if self.metric not in result or self.multi_objective:  # Optuna keeps no intermediate values of several
             return
-        self.optuna_trial(trial_id).report(result[self.metric], result[TRAINING_ITERATION])
+        with deferred():
+            self.optuna_trial(trial_id).report(result[self.metric], result[TRAINING_ITERATION])
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         """As Ray's OptunaSearch: COMPLETE with the last result's value, whatever budget it had; without a
@@ -214,18 +217,19 @@ class ResumableOptunaSearch(Searcher):
         """Tell Optuna the trial's end (after reporting `last` = (value, step) as its intermediate value; with
         several objectives, keeping `last` = (values, step) in its user attrs)."""
         number = self.trial_numbers[trial_id]
-        try:
-            if last is not None and self.multi_objective:
-                trial = self.optuna_trial(trial_id)
-                trial.set_user_attr(STOPPED_VALUES_ATTR, dict(zip((m for m, _ in self.objectives), last[0])))
-                trial.set_user_attr(STOPPED_AT_ATTR, int(last[1]))
-            elif last is not None:
-                self.optuna_trial(trial_id).report(*last)
-            self.connected().tell(number, value, state=state)
-        except Exception as exc:  # e.g. a NaN value, or a trial that reported nothing: not worth failing for
-            log.warning("could not record trial %s as %s: %s", trial_id, state.name, exc)
-        self.completed.add(trial_id)
-        self.open_trials.pop(number, None)
+        with deferred():
+            try:
+                if last is not None and self.multi_objective:
+                    trial = self.optuna_trial(trial_id)
+                    trial.set_user_attr(STOPPED_VALUES_ATTR, dict(zip((m for m, _ in self.objectives), last[0])))
+                    trial.set_user_attr(STOPPED_AT_ATTR, int(last[1]))
+                elif last is not None:
+                    self.optuna_trial(trial_id).report(*last)
+                self.connected().tell(number, value, state=state)
+            except Exception as exc:  # e.g. a NaN value, or a trial that reported nothing: not worth failing for
+                log.warning("could not record trial %s as %s: %s", trial_id, state.name, exc)
+            self.completed.add(trial_id)
+            self.open_trials.pop(number, None)
 
     # Tune pickles the searcher twice: whole, in tuner.pkl (unpickled by Tuner.restore), and by save(), in
     # its searcher-state file (read by restore()). Both keep the study as its name and URL and the trials as
@@ -249,6 +253,12 @@ class ResumableOptunaSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+        with deferred():
+            self.reconnect()
+
+    def reconnect(self) -> None:
+        """The restored searcher's trials, matched to the study's: those the old driver asked and Tune never
+        heard of are closed, those it closed as interrupted and Tune continues get a continuing trial."""
         study = self.connected()
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         known = set(self.trial_numbers.values())
