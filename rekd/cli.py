@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
+import threading
 from typing import Callable, NoReturn, Optional, Sequence
 
 from rekd.errors import EXIT_USAGE, UsageError
@@ -17,16 +19,34 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_terminated = False  # SIGTERM arrived: the KeyboardInterrupt it raised may reach run() re-raised by Ray
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM (`kill`, `ray job stop`, a batch scheduler's end of time) raised as Ctrl-C is: the command
+    closes what it recorded as it does for Ctrl-C instead of dying with its runs left RUNNING."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Call an entry point; a UsageError is printed as one line and gives exit status 2."""
+    """Call an entry point; a UsageError is printed as one line and gives exit status 2. Ctrl-C and SIGTERM
+    end it through KeyboardInterrupt, with a shell's status for the signal (130, 143)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return main(argv)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        signum = signal.SIGTERM if _terminated else signal.SIGINT
+        print(f"{prog}: interrupted ({signum.name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def format_metrics(metrics: dict, keys: Sequence[str]) -> str:

@@ -1,6 +1,7 @@
 """Helpers for tests that start real services: free loopback ports and the processes a test started."""
 import os
 import socket
+import threading
 from pathlib import Path
 
 
@@ -59,3 +60,23 @@ def listening_sockets(pids: set[int]) -> list[str]:
 
 
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::ffff:127.0.0.1, ::1
+
+
+def wait_for_line(proc, text: str, timeout: float) -> list[str]:
+    """The process's stdout lines up to the first that holds `text` (its pipe is read no further, so
+    communicate() gets the rest); AssertionError if it does not come within `timeout` seconds."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if text in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert found.is_set(), f"no line with {text!r} within {timeout:g} s (exit {proc.poll()}): {lines[-20:]}"
+    return lines

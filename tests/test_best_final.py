@@ -1,6 +1,7 @@
 """rekd.evaluate.best and rekd.evaluate.final refuse bad input in one line with exit status 2, leaving nothing behind;
 rekd.final's runs go on through a tracking server outage and lose nothing of what they log."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from processes import free_port
+from processes import free_port, wait_for_line
 from rekd.evaluate.best import main as best_main
 from rekd.evaluate.final import main as final_main
 
@@ -147,3 +148,35 @@ def test_final_runs_go_on_through_a_tracking_server_restart_and_every_epoch_reac
                     list(range(1, epochs + 1)), key
     finally:
         stop(server)
+
+
+# -- Ctrl-C and SIGTERM during the final runs ----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_final_runs_killed_with_the_shells_status_and_no_traceback(signum, tmp_path):
+    """SIGTERM is what `ray job stop` and batch schedulers send: the runs it ends are KILLED, as Ctrl-C's are,
+    not left RUNNING in MLflow, and no table is written from half of the runs."""
+    uri, experiment = f"sqlite:///{tmp_path / 'mlflow.db'}", "final-signal"
+    best = tmp_path / "best.yaml"
+    best.write_text(f"experiment: {experiment}\nconfigs:\n- settings: {{mode: default_kd}}\n")
+    final = subprocess.Popen([sys.executable, "-m", "rekd.final", str(best), "--seeds", "1", "--epochs", "200",
+                              "--tracking-uri", uri, "--out", str(tmp_path / "out")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             start_new_session=True)
+    try:
+        wait_for_line(final, "baseline, seed 0: training 200 epochs", timeout=180)
+        time.sleep(2)  # into its epochs
+        os.kill(final.pid, signum)
+        out, err = final.communicate(timeout=120)
+    finally:
+        if final.poll() is None:
+            final.kill()
+            final.communicate()
+    assert final.returncode == 128 + signum, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"python -m rekd.final: interrupted ({signum.name})" and "Traceback" not in err
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = client.search_runs([experiment_id], filter_string="tags.`rekd.role` = 'final'")
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED"]
+    assert not list((tmp_path / "out").glob("final-*"))

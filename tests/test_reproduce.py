@@ -6,8 +6,10 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from rekd.evaluate import structure_table
 from rekd.evaluate.reproduce import PAPER_RATIOS, build_parser, main, plan_from_args
 from rekd.evaluate.tables import Row, csv_text, markdown, rows_from, summary_metrics
 from rekd.stats import mean_std, paired, paired_ci
-from processes import free_port
+from processes import free_port, wait_for_line
 from usage import assert_usage_error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,3 +381,31 @@ def test_structure_smoke_end_to_end(tmp_path):
     assert len(generations) == 3 and generations[0].data.params["generations"] == "2"
     assert [m.step for m in client.get_metric_history(generations[0].info.run_id, "density")] == [1, 2, 3, 4]
     assert "gmp_0.8_kd/2_generations/delta_mean" in parent.data.metrics
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_reproduction_killed_with_status_143_and_no_table(tmp_path):
+    """`ray job stop` (SIGTERM) to a reproduction: its runs end KILLED, not RUNNING, and not as Ray's own
+    handler would end it (exit at once, status 15); no table is written from half of the runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen([sys.executable, "-m", "rekd.reproduce", "table2", "--epochs", "300",
+                             "--out", str(tmp_path / "out"), "--tracking-uri", uri],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_line(proc, "training runs as Ray tasks", timeout=240)
+        time.sleep(3)  # into the tasks
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "python -m rekd.reproduce: interrupted (SIGTERM)" and "Traceback" not in err
+    _, parent, children = tracked(uri, "rekd-reproduce")
+    assert parent.info.status == "KILLED" and children and {c.info.status for c in children} == {"KILLED"}
+    [folder] = (tmp_path / "out").iterdir()
+    assert not {"table.md", "table.csv", "runs.json"} & {p.name for p in folder.iterdir()}
+

@@ -68,10 +68,6 @@ def base_config(args) -> TrainConfig:
     return TrainConfig.from_dict({**cfg.to_dict(), "mode": "baseline", "eval_test": True, "device": "cpu"})
 
 
-def stop_on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) ends the check as Ctrl-C does: workers stopped, runs kept
-
-
 def quiet_worker() -> None:
     """A pool worker leaves Ctrl-C (sent to the whole terminal's process group) to the parent, which ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -183,8 +179,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except Held as e:
         raise UsageError(f"--out {out} is being written by another convergence check ({e.holder}); allowed: "
                          "wait for it to end, or another --out") from None
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    with lock:
+    with lock:  # SIGTERM ends the check as Ctrl-C does (rekd.cli): workers stopped, runs kept
         return check(base, budgets, seeds, out, args.workers or multiprocessing.cpu_count())
 
 

@@ -31,6 +31,7 @@ from rekd.search.ranking import MODES
 from rekd.search.study import METRICS
 from rekd.stats import mean_std, paired
 from rekd.snn.teachers import cpu_weights, dense_baseline, store_teacher
+from rekd.tracking.outcomes import run_status
 from rekd.tracking.runs import create_parent_run, numeric_metrics
 from rekd.tracking.tags import ROLE_TAG
 from rekd.tracking.store import check_tracking_uri, open_store, pick_tracking_uri
@@ -138,8 +139,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             for label, cfg in zip(labels[1:], configs):
                 cfg = dataclasses.replace(cfg, seed=seed, teacher_epochs=cfg.epochs)
                 record(label, tracked_run(writer, label, cfg))
-    except BaseException:
-        writer.end(None, "FAILED")
+    except BaseException as e:
+        writer.end(None, run_status(e))
         warn_unlogged(writer, writer.close(timeout=FAILED_GRACE_S))
         raise
     table = report(labels, configs, scores, costs, seeds, document)
@@ -210,8 +211,8 @@ def tracked_run(writer: RunWriter, label: str, cfg: TrainConfig):
 
     try:
         result = train(cfg, on_epoch=on_epoch)
-    except BaseException:
-        writer.end(key, "FAILED")
+    except BaseException as e:
+        writer.end(key, run_status(e))
         raise
     writer.end(key, "FINISHED")
     print(f"{label}, seed {cfg.seed}: test_acc={result.final['test_acc']:.4f}", flush=True)

@@ -4,9 +4,10 @@ Stage 1 trains each seed's baseline; its weights go into Ray's object store, and
 seed take them from there (Ray starts a KD task as soon as its seed's baseline is done). Each seed's data
 go into the object store once and are shared by that seed's runs. Tasks never talk to MLflow: they return
 their per-epoch history, and the driver logs it into one child run per training run under the
-reproduction's parent run (tag rekd.role=reproduce). The parent ends FAILED if anything raises. The driver
-logs through the queued writer (rekd.tracking.writer): an unreachable tracking server never stops the
-reproduction; what it never received is named in a warning at the end, and the tables are written all the same.
+reproduction's parent run (tag rekd.role=reproduce). The parent ends FAILED if anything raises, KILLED on
+Ctrl-C or SIGTERM. The driver logs through the queued writer (rekd.tracking.writer): an unreachable tracking
+server never stops the reproduction; what it never received is named in a warning at the end, and the
+tables are written all the same.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from rekd.evaluate import structure_table
 from rekd.evaluate.tables import csv_text, markdown, plot, rows_from, summary_metrics
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray
 from rekd.snn.teachers import cpu_weights
+from rekd.tracking.outcomes import run_status
 from rekd.tracking.runs import create_parent_run, flat_params, numeric_metrics
 from rekd.tracking.tags import ROLE_TAG
 from rekd.tracking.store import open_store
@@ -88,8 +90,8 @@ def execute(plan: ReproducePlan, data: dict[int, DataSplits], library_log: Libra
         writer.log(None, metrics=[Metric(k, v, now_ms(), 0) for k, v in summary.items()])
         for path in files:
             writer.log_artifact(None, str(path), artifact_path=ARTIFACT_DIR)
-    except BaseException:
-        writer.end(None, "FAILED")
+    except BaseException as e:
+        writer.end(None, run_status(e))
         warn_unlogged(writer, writer.close(timeout=FAILED_GRACE_S))
         raise
     writer.end(None, "FINISHED")
@@ -135,8 +137,8 @@ def run_tasks(plan: ReproducePlan, data: dict[int, DataSplits], writer: RunWrite
             spec, key = pending.pop(ref)
             try:
                 result = ray.get(ref)
-            except BaseException:
-                writer.end(key, "FAILED")
+            except BaseException as e:
+                writer.end(key, run_status(e))
                 raise
             records.append(close_child(writer, key, spec, result))
             keys.append(key)

@@ -24,9 +24,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Optional
 from urllib.parse import urlsplit
@@ -63,11 +65,20 @@ def start_ray(worker_output: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get(ENV, "").strip()
-    if address:  # Ray ignores an empty RAY_ADDRESS too
-        join_cluster(address)
-    else:
-        start_private_ray(worker_output)
+    # ray.init puts in its own SIGTERM handler (exit at once, status 15); a command's own (rekd.cli: end its
+    # runs KILLED, status 143) stays. Without one (SIG_DFL), Ray's is kept: it exits through atexit, where
+    # stop_ray removes the private Ray's folder.
+    own = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    own = own if callable(own) else None
+    try:
+        address = os.environ.get(ENV, "").strip()
+        if address:  # Ray ignores an empty RAY_ADDRESS too
+            join_cluster(address)
+        else:
+            start_private_ray(worker_output)
+    finally:
+        if own is not None:
+            signal.signal(signal.SIGTERM, own)
 
 
 def stop_ray() -> None:

@@ -30,6 +30,12 @@ STOP_DETAIL = "stop_detail"  # result key: the error's first line
 EPOCH = "epoch"  # result key: rekd's own epoch counter, which survives a trial's restarts (Tune's iteration does not)
 
 
+def run_status(error: BaseException) -> str:
+    """The MLflow status of a run its command ended on `error`: KILLED when the user or a scheduler stopped
+    it (Ctrl-C, SIGTERM: KeyboardInterrupt; Ray's own SIGTERM handler: SystemExit), FAILED otherwise."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
 def stop_reason(result: dict | None) -> str | None:
     """The outcome a trial that stopped itself gave in its last result; None for any other result."""
     reason = (result or {}).get(STOP_REASON)
