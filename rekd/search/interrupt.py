@@ -47,6 +47,18 @@ class Interruption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A signal that would raise KeyboardInterrupt in the block raises it when the outermost block ends."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if not self._deferring and self._pending and not self.closing:
+            self._pending = False
+            raise KeyboardInterrupt
+
     @property
     def exit_status(self) -> int:
         """128 + the signal's number, as a shell reports a process ended by it: 130 SIGINT, 143 SIGTERM."""
@@ -79,15 +91,8 @@ _active: Optional[Interruption] = None  # the driver's, while its handlers are i
 def deferred() -> Iterator[None]:
     """Run a store's write whole: a signal that would raise KeyboardInterrupt inside the block raises it
     when the block ends (outside a driver's Interruption, nothing changes)."""
-    interruption = _active
-    if interruption is None:
+    if _active is None:
         yield
-        return
-    interruption._deferring += 1
-    try:
-        yield
-    finally:
-        interruption._deferring -= 1
-    if not interruption._deferring and interruption._pending and not interruption.closing:
-        interruption._pending = False
-        raise KeyboardInterrupt
+    else:
+        with _active.deferred():
+            yield
