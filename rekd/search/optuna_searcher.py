@@ -149,19 +149,20 @@ class ResumableOptunaSearch(Searcher):
     def open_study(self, create: bool) -> optuna.Study:
         """Connect to the study: created (or loaded) by a new searcher; only loaded by a restored one, so
         that a wrong place fails instead of starting an empty study there."""
-        self.storage = (optuna.storages.RDBStorage(self.study_url) if self.study_url
-                        else optuna.storages.InMemoryStorage())
-        if create:
-            modes = [mode for _, mode in self.objectives] if self.multi_objective else [self.target_mode]
-            self.study = optuna.create_study(
-                study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                pruner=optuna.pruners.NopPruner(), load_if_exists=True,
-                directions=["minimize" if mode == "min" else "maximize" for mode in modes])
-        else:
-            self.study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                           pruner=optuna.pruners.NopPruner())
-        self.open_trials = {}
-        return self.study
+        with deferred():
+            self.storage = (optuna.storages.RDBStorage(self.study_url) if self.study_url
+                            else optuna.storages.InMemoryStorage())
+            if create:
+                modes = [mode for _, mode in self.objectives] if self.multi_objective else [self.target_mode]
+                self.study = optuna.create_study(
+                    study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                    pruner=optuna.pruners.NopPruner(), load_if_exists=True,
+                    directions=["minimize" if mode == "min" else "maximize" for mode in modes])
+            else:
+                self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                               sampler=self.sampler, pruner=optuna.pruners.NopPruner())
+            self.open_trials = {}
+            return self.study
 
     def connected(self) -> optuna.Study:
         return self.study if self.study is not None else self.open_study(create=False)
