@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Callable, NoReturn, Optional, Sequence
 
-from rekd.errors import EXIT_USAGE, UsageError
+from rekd.errors import EXIT_USAGE, Interrupted, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -19,34 +19,34 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-_terminated = False  # SIGTERM arrived: the KeyboardInterrupt it raised may reach run() re-raised by Ray
+_received: list[int] = []  # the signals rekd's handler got: Ray may re-raise its Interrupted as KeyboardInterrupt
 
 
-def _terminate(signum: int, frame) -> None:
-    """SIGTERM (`kill`, `ray job stop`, a batch scheduler's end of time) raised as Ctrl-C is: the command
-    closes what it recorded as it does for Ctrl-C instead of dying with its runs left RUNNING."""
-    global _terminated
-    _terminated = True
-    raise KeyboardInterrupt
+def _interrupt(signum: int, frame) -> None:
+    """Ctrl-C, and SIGTERM (`kill`, `ray job stop`, a batch scheduler's end of time) raised alike: a command
+    closes what it recorded instead of dying with its runs left RUNNING."""
+    _received.append(signum)
+    raise Interrupted
 
 
 def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optional[Sequence[str]] = None) -> int:
     """Call an entry point; a UsageError is printed as one line and gives exit status 2. Ctrl-C and SIGTERM
-    end it through KeyboardInterrupt, with a shell's status for the signal (130, 143)."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    end it through KeyboardInterrupt (rekd.errors.Interrupted), with a shell's status for the signal (130,
+    143)."""
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, _interrupt) for signum in signals}
     try:
         return main(argv)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        signum = signal.SIGTERM if _terminated else signal.SIGINT
+        signum = signal.Signals(_received[0]) if _received else signal.SIGINT
         print(f"{prog}: interrupted ({signum.name})", file=sys.stderr)
         return 128 + signum
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def format_metrics(metrics: dict, keys: Sequence[str]) -> str:

@@ -1,6 +1,7 @@
 """`python -m rekd.train`: a good run writes its folder; every bad input is one line, exit 2, nothing written."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,31 @@ def test_a_batch_too_large_for_the_gpu_is_one_line_that_says_what_to_lower(tmp_p
     assert len(lines) == 1, err
     assert "batch_size=200000" in lines[0] and "does not fit the GPU: CUDA out of memory" in lines[0]
     assert "lower batch_size (--set batch_size=N)" in lines[0]
+
+
+# -- every entry point's edge: Ctrl-C and SIGTERM ------------------------------------------------------------
+SIGNAL_INSIDE_C_RUN_CODE = '''
+import ctypes, sys
+from rekd.cli import run
+
+def main(argv):
+    run_string = ctypes.pythonapi.PyRun_String
+    run_string.restype = ctypes.py_object
+    run_string.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+    # Python code that a C extension runs, as torch's may: the signal lands inside it.
+    run_string(b"import os, signal\\nos.kill(os.getpid(), signal.{name})\\nwhile True: pass\\n", 257, {{}}, {{}})
+    return 0
+
+sys.exit(run(main, "probe"))
+'''
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_code_a_c_extension_runs_still_gives_the_signals_status_and_one_line(signum, tmp_path):
+    """A bare KeyboardInterrupt through such code makes CPython end `python -m` by SIGINT (-2) whatever status
+    the command returns; rekd's handlers raise their own subclass, so the command's status stands."""
+    (tmp_path / "signal_probe.py").write_text(SIGNAL_INSIDE_C_RUN_CODE.format(name=signum.name))
+    proc = subprocess.run([sys.executable, "-m", "signal_probe"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 128 + signum, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"probe: interrupted ({signum.name})"

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from rekd.cli import python_command
 from rekd.datasets import DataSplits, load_dataset
+from rekd.errors import Interrupted
 from rekd.search.interrupt import Interruption, deferred
 from rekd.search import trial_storage
 from rekd.search.ray_session import fixed_cluster, gpu_request, start_ray, stop_ray
@@ -274,7 +275,7 @@ class Search:
         if interruption.aborted:
             # The second signal's KeyboardInterrupt can land in code that swallows it (Python prints
             # "Exception ignored in ...") and Tune then returns as after the first: the user asked to abort.
-            raise KeyboardInterrupt
+            raise Interrupted
         return results
 
     def finish(self, results, interruption: Interruption) -> int:

@@ -20,6 +20,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+from rekd.errors import Interrupted
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -49,7 +51,7 @@ class Interruption:
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        """A signal that would raise KeyboardInterrupt in the block raises it when the outermost block ends."""
+        """A signal that would raise Interrupted in the block raises it when the outermost block ends."""
         self._deferring += 1
         try:
             yield
@@ -57,7 +59,7 @@ class Interruption:
             self._deferring -= 1
         if not self._deferring and self._pending and not self.closing:
             self._pending = False
-            raise KeyboardInterrupt
+            raise Interrupted
 
     @property
     def exit_status(self) -> int:
@@ -77,7 +79,7 @@ class Interruption:
             if self._deferring:
                 self._pending = True
                 return
-            raise KeyboardInterrupt
+            raise Interrupted
         self.signum = signum
         print(f"\n{self.prog}: {self.name} received: stopping the trials at their last checkpoint "
               "(again to abort now)", file=sys.stderr, flush=True)
@@ -89,7 +91,7 @@ _active: Optional[Interruption] = None  # the driver's, while its handlers are i
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Run a store's write whole: a signal that would raise KeyboardInterrupt inside the block raises it
+    """Run a store's write whole: a signal that would raise Interrupted inside the block raises it
     when the block ends (outside a driver's Interruption, nothing changes)."""
     if _active is None:
         yield
