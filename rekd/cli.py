@@ -34,6 +34,7 @@ def run(main: Callable[[Optional[Sequence[str]]], int], prog: str, argv: Optiona
     end it through KeyboardInterrupt (rekd.errors.Interrupted), with a shell's status for the signal (130,
     143)."""
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    _received.clear()
     previous = {signum: signal.signal(signum, _interrupt) for signum in signals}
     try:
         return main(argv)
