@@ -281,9 +281,9 @@ class Search:
     def finish(self, results, interruption: Interruption) -> int:
         """Tune returned: the search ended, or stopped cleanly on the first signal."""
         plan, tracker = self.plan, self.tracker
+        if plan.resume:  # MLflow calls of their own, retried against an unreachable server: a signal cuts them short
+            close_lost_runs(self.client, self.experiment_id, self.parent_id, results)
         with deferred():  # a signal now aborts once the record of the end is whole
-            if plan.resume:
-                close_lost_runs(self.client, self.experiment_id, self.parent_id, results)
             interrupted = interruption.signum is not None
             stopped = self.close_unfinished(interruption) if interrupted else []
             summary = summarize(plan, results, self.optuna_url, self.experiment_dir, interrupted=set(stopped))

@@ -65,9 +65,9 @@ def start_ray(worker_output: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    # ray.init puts in its own SIGTERM handlers (the process ends at once: status 15, or an abort in Ray's core);
-    # a command's own (rekd.cli: end its runs KILLED, status 143) stays. Without one (SIG_DFL), Ray's is kept: it exits through atexit, where
-    # stop_ray removes the private Ray's folder.
+    # ray.init puts in its own SIGTERM handlers (the process ends at once: status 15, or an abort in Ray's
+    # core); a command's own (rekd.cli: end its runs KILLED, status 143) stays. Without one (SIG_DFL), Ray's is
+    # kept: it exits through atexit, where stop_ray removes the private Ray's folder.
     own = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     own = own if callable(own) else None
     try:
