@@ -247,7 +247,7 @@ def train_all(design: Design, points: dict, todo: list, runs_path: Path, done: i
     version = code_version()
     start_ray(worker_output=False)
     # Ctrl-C, and the SIGTERM a scheduler or `kill` sends, end the build alike: Ray stopped, the runs recorded so
-    # far kept, the way to continue printed. Installed once Ray runs: ray.init puts its own SIGTERM handler in.
+    # far kept, the way to continue printed.
     try:
         with Interruption(PROG) as interruption:
             submit_and_record(design, points, todo, runs_path, done, total, progress, version)
